@@ -1,0 +1,191 @@
+//! Wires the parts together: pod identity, interception, listeners; then
+//! readiness, drain and shutdown.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    admin,
+    config::RunConfig,
+    gce::GceApi,
+    imds::ImdsApi,
+    intercept::{self, Interceptor},
+    metrics::Metrics,
+    pods::{self, PodIndex, Resolver},
+    server::{self, Router, ServerLimits},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot build a Kubernetes client (KUBECONFIG or in-cluster): {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot remove interception rules: {0}")]
+    Intercept(#[from] intercept::InterceptError),
+}
+
+/// Runs the daemon until `shutdown` resolves (SIGTERM/SIGINT in the binary),
+/// then removes the interception rules and drains connections.
+pub async fn run(
+    config: RunConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AppError> {
+    let metrics = Metrics::new();
+    let client = kube::Client::try_default().await?;
+
+    // Bind first: the DNAT target must be listening before rules point at it.
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| AppError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|source| AppError::Listen {
+            addr: config.admin_listen,
+            source,
+        })?;
+
+    let index = Arc::new(PodIndex::new());
+    let watches = pods::spawn_watchers(
+        client.clone(),
+        &config.node_name,
+        index.clone(),
+        metrics.clone(),
+        |_pod| {},
+    );
+    let resolver = Resolver::new(
+        index,
+        watches.service_accounts.clone(),
+        client.clone(),
+        config.node_name.clone(),
+        config.pod_lookup_timeout,
+        metrics.clone(),
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let (rules_tx, rules_rx) = watch::channel(config.intercept_interfaces.is_empty());
+    let interceptor = (!config.intercept_interfaces.is_empty()).then(|| {
+        Interceptor::new(
+            &config.iptables,
+            config.intercept_interfaces.clone(),
+            config.intercept_target(),
+        )
+    });
+    let rules_task = interceptor.clone().map(|interceptor| {
+        tokio::spawn(intercept::keep_in_place(
+            interceptor,
+            config.iptables_resync,
+            metrics.clone(),
+            rules_tx,
+            stopped(),
+        ))
+    });
+    if interceptor.is_none() {
+        tracing::info!("no --intercept-interface given: installing no interception rules");
+    }
+
+    let readiness = admin::Readiness {
+        pods_synced: watches.synced.clone(),
+        rules_installed: rules_rx,
+    };
+    {
+        let readiness = readiness.clone();
+        let metrics = metrics.clone();
+        let stop = stopped();
+        tokio::spawn(async move {
+            tokio::pin!(stop);
+            let mut announced = false;
+            loop {
+                let ready = readiness.check().is_ok();
+                metrics.ready.set(ready as i64);
+                if ready && !announced {
+                    tracing::info!("ready: pod index synced and interception in place");
+                    announced = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = &mut stop => return,
+                }
+            }
+        });
+    }
+
+    let router = Arc::new(Router {
+        gce: config
+            .gcp
+            .gcp_workload_identity_provider
+            .as_ref()
+            .map(|_| Arc::new(GceApi)),
+        imds: config.aws.aws_region.as_ref().map(|_| Arc::new(ImdsApi)),
+        resolver,
+        whoami: config.debug_whoami,
+    });
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        readiness,
+        metrics.clone(),
+        stopped(),
+    ));
+    tracing::info!(
+        listen = %config.listen,
+        admin = %config.admin_listen,
+        node = %config.node_name,
+        gce = router.gce.is_some(),
+        imds = router.imds.is_some(),
+        "metabridge started"
+    );
+
+    let server_task = tokio::spawn(server::serve(
+        listener,
+        router,
+        ServerLimits {
+            max_connections: config.max_connections,
+            header_read_timeout: config.header_read_timeout,
+            connection_max_age: config.connection_max_age,
+        },
+        metrics.clone(),
+        stopped(),
+    ));
+
+    shutdown.await;
+    tracing::info!("shutting down: removing interception rules, draining connections");
+    let _ = stop_tx.send(true);
+    if let Some(task) = rules_task {
+        let _ = task.await;
+    }
+    let removal = match &interceptor {
+        Some(interceptor) => interceptor.remove().await,
+        None => Ok(()),
+    };
+    if let Ok(mut connections) = server_task.await {
+        let drain = async { while connections.join_next().await.is_some() {} };
+        if tokio::time::timeout(config.shutdown_grace, drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after the shutdown grace; closing them");
+        }
+    }
+    let _ = admin_task.await;
+    for task in watches.tasks {
+        task.abort();
+    }
+    removal?;
+    tracing::info!("stopped; interception rules removed");
+    Ok(())
+}
