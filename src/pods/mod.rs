@@ -131,3 +131,21 @@ pub struct Caller {
     pub pod: Arc<PodInfo>,
     pub service_account: Arc<ServiceAccountInfo>,
 }
+
+/// Identifies the pod behind a source IP. Implemented by [`Resolver`]; APIs
+/// take it as a parameter so they can be tested without an API server.
+pub trait Identify: Send + Sync + 'static {
+    fn identify(
+        &self,
+        ip: IpAddr,
+    ) -> impl std::future::Future<Output = Result<Caller, LookupError>> + Send;
+}
+
+impl Identify for Resolver {
+    fn identify(
+        &self,
+        ip: IpAddr,
+    ) -> impl std::future::Future<Output = Result<Caller, LookupError>> + Send {
+        self.resolve(ip)
+    }
+}
