@@ -106,6 +106,10 @@ pub async fn run(
     {
         let readiness = readiness.clone();
         let metrics = metrics.clone();
+        let taint = config
+            .startup_taint
+            .clone()
+            .map(|key| (client.clone(), config.node_name.clone(), key));
         let stop = stopped();
         tokio::spawn(async move {
             tokio::pin!(stop);
@@ -116,6 +120,11 @@ pub async fn run(
                 if ready && !announced {
                     tracing::info!("ready: pod index synced and interception in place");
                     announced = true;
+                    if let Some((client, node, key)) = taint.clone() {
+                        tokio::spawn(async move {
+                            crate::startup_taint::remove(client, &node, &key).await
+                        });
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}

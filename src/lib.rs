@@ -26,4 +26,5 @@ pub mod intercept;
 pub mod metrics;
 pub mod pods;
 pub mod server;
+pub mod startup_taint;
 pub mod telemetry;
