@@ -30,8 +30,12 @@ fn main() -> ExitCode {
             }
             // One line naming the bad value, not a page of usage.
             let rendered = err.to_string();
-            let line = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("metabridge: {}", line.trim_start_matches("error: "));
+            let first_paragraph: Vec<&str> = rendered
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("metabridge: {}", first_paragraph.join(" ").trim_start_matches("error: "));
             return ExitCode::from(EXIT_CONFIG);
         }
     };

@@ -1,0 +1,1 @@
+"""Test doubles for metabridge: fake kube-apiserver, fake Google, fake AWS, netns pods."""
