@@ -35,7 +35,10 @@ fn main() -> ExitCode {
                 .take_while(|l| !l.trim().is_empty())
                 .map(str::trim)
                 .collect();
-            eprintln!("metabridge: {}", first_paragraph.join(" ").trim_start_matches("error: "));
+            eprintln!(
+                "metabridge: {}",
+                first_paragraph.join(" ").trim_start_matches("error: ")
+            );
             return ExitCode::from(EXIT_CONFIG);
         }
     };

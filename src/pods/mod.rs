@@ -45,10 +45,10 @@ impl PodInfo {
             .flatten()
             .filter_map(|p| p.ip.parse().ok())
             .collect();
-        if ips.is_empty() {
-            if let Some(ip) = status.pod_ip.as_deref().and_then(|s| s.parse().ok()) {
-                ips.push(ip);
-            }
+        if ips.is_empty()
+            && let Some(ip) = status.pod_ip.as_deref().and_then(|s| s.parse().ok())
+        {
+            ips.push(ip);
         }
         if ips.is_empty() {
             return None;
