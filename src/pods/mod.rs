@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 pub use index::{IpLookup, PodIndex};
 pub use resolver::{LookupError, Resolver};
-pub use watch::{ServiceAccounts, WatchHandles, spawn_watchers};
+pub use watch::{NodeFacts, ServiceAccounts, WatchHandles, spawn_watchers};
 
 /// What metabridge knows of a pod on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,10 +45,10 @@ impl PodInfo {
             .flatten()
             .filter_map(|p| p.ip.parse().ok())
             .collect();
-        if ips.is_empty() {
-            if let Some(ip) = status.pod_ip.as_deref().and_then(|s| s.parse().ok()) {
-                ips.push(ip);
-            }
+        if ips.is_empty()
+            && let Some(ip) = status.pod_ip.as_deref().and_then(|s| s.parse().ok())
+        {
+            ips.push(ip);
         }
         if ips.is_empty() {
             return None;
