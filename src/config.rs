@@ -317,12 +317,12 @@ impl RunConfig {
                 "--intercept-interface needs a DNAT target: set --intercept-to or HOST_IP".into(),
             ));
         }
-        if let Some(to) = self.intercept_target() {
-            if !to.is_ipv4() || to.ip().is_unspecified() {
-                return Err(ConfigError(format!(
-                    "--intercept-to {to}: must be a concrete IPv4 address and port"
-                )));
-            }
+        if let Some(to) = self.intercept_target()
+            && (!to.is_ipv4() || to.ip().is_unspecified())
+        {
+            return Err(ConfigError(format!(
+                "--intercept-to {to}: must be a concrete IPv4 address and port"
+            )));
         }
         if self.max_connections == 0 {
             return Err(ConfigError("--max-connections must be at least 1".into()));
@@ -337,6 +337,9 @@ impl RunConfig {
             return Err(ConfigError(
                 "--iptables-resync must be at least 100ms".into(),
             ));
+        }
+        if self.gcp.gcp_workload_identity_provider.is_some() {
+            crate::gce::GceSettings::from_config(self).map_err(ConfigError)?;
         }
         Ok(())
     }
