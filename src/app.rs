@@ -8,7 +8,7 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     admin,
     config::RunConfig,
-    gce::GceApi,
+    gce::{GceApi, GceSettings, NoCredentials},
     imds::ImdsApi,
     intercept::{self, Interceptor},
     metrics::Metrics,
@@ -28,6 +28,8 @@ pub enum AppError {
     },
     #[error("cannot remove interception rules: {0}")]
     Intercept(#[from] intercept::InterceptError),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Runs the daemon until `shutdown` resolves (SIGTERM/SIGINT in the binary),
@@ -134,12 +136,18 @@ pub async fn run(
         });
     }
 
+    let gce = match config.gcp.gcp_workload_identity_provider {
+        Some(_) => Some(Arc::new(GceApi::new(
+            GceSettings::from_config(&config).map_err(AppError::Config)?,
+            // TODO(integration): the credential cache.
+            Arc::new(NoCredentials),
+            resolver.clone(),
+            watches.node.clone(),
+        ))),
+        None => None,
+    };
     let router = Arc::new(Router {
-        gce: config
-            .gcp
-            .gcp_workload_identity_provider
-            .as_ref()
-            .map(|_| Arc::new(GceApi)),
+        gce,
         imds: config.aws.aws_region.as_ref().map(|_| Arc::new(ImdsApi)),
         resolver,
         whoami: config.debug_whoami,

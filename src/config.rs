@@ -338,6 +338,9 @@ impl RunConfig {
                 "--iptables-resync must be at least 100ms".into(),
             ));
         }
+        if self.gcp.gcp_workload_identity_provider.is_some() {
+            crate::gce::GceSettings::from_config(self).map_err(ConfigError)?;
+        }
         Ok(())
     }
 
