@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import promql_parser as pp
 
-from conftest import TARGET_LABELS, series_names
+from chartlib import TARGET_LABELS, series_names
 
 # Series Prometheus itself creates for every target.
 PROMETHEUS_SERIES = {"up": set()}

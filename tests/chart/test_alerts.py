@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import REPO
+from chartlib import REPO
 from promql import check
 
 PROM = REPO / "deploy" / "prometheus"

@@ -9,7 +9,7 @@ import helm_python
 import kubernetes_validate
 import pytest
 
-from conftest import (
+from chartlib import (
     CHART,
     GCE,
     IMDS,

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from conftest import REPO, contract_metrics
+from chartlib import REPO, contract_metrics
 from promql import check
 
 DASHBOARD = REPO / "deploy" / "grafana" / "metabridge.json"

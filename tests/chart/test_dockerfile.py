@@ -13,7 +13,7 @@ import tomllib
 import dockerfile
 import pytest
 
-from conftest import REPO, container, render
+from chartlib import REPO, container, render
 
 DOCKERFILE = REPO / "Dockerfile"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import hcl2
 import pytest
 
-from conftest import REPO
+from chartlib import REPO
 
 TF = REPO / "deploy" / "terraform"
 MODULES = ["google-eks", "google-eks/aws-provider", "aws-gke", "aws-google-trust"]
