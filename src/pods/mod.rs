@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 pub use index::{IpLookup, PodIndex};
 pub use resolver::{LookupError, Resolver};
-pub use watch::{ServiceAccounts, WatchHandles, spawn_watchers};
+pub use watch::{NodeFacts, ServiceAccounts, WatchHandles, spawn_watchers};
 
 /// What metabridge knows of a pod on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
