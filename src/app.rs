@@ -9,7 +9,7 @@ use crate::{
     admin,
     config::RunConfig,
     gce::GceApi,
-    imds::ImdsApi,
+    imds::{ImdsApi, ImdsSettings, Unwired},
     intercept::{self, Interceptor},
     metrics::Metrics,
     pods::{self, PodIndex, Resolver},
@@ -28,6 +28,8 @@ pub enum AppError {
     },
     #[error("cannot remove interception rules: {0}")]
     Intercept(#[from] intercept::InterceptError),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Runs the daemon until `shutdown` resolves (SIGTERM/SIGINT in the binary),
@@ -131,7 +133,15 @@ pub async fn run(
             .gcp_workload_identity_provider
             .as_ref()
             .map(|_| Arc::new(GceApi)),
-        imds: config.aws.aws_region.as_ref().map(|_| Arc::new(ImdsApi)),
+        imds: match config.aws.aws_region {
+            Some(_) => Some(Arc::new(ImdsApi::new(
+                ImdsSettings::from_config(&config).map_err(AppError::Config)?,
+                Arc::new(Unwired),
+                resolver.clone(),
+                watches.node.clone(),
+            ))),
+            None => None,
+        },
         resolver,
         whoami: config.debug_whoami,
     });
