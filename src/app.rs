@@ -9,7 +9,7 @@ use crate::{
     admin,
     config::RunConfig,
     gce::{GceApi, GceSettings, NoCredentials},
-    imds::ImdsApi,
+    imds::{ImdsApi, ImdsSettings, Unwired},
     intercept::{self, Interceptor},
     metrics::Metrics,
     pods::{self, PodIndex, Resolver},
@@ -148,7 +148,15 @@ pub async fn run(
     };
     let router = Arc::new(Router {
         gce,
-        imds: config.aws.aws_region.as_ref().map(|_| Arc::new(ImdsApi)),
+        imds: match config.aws.aws_region {
+            Some(_) => Some(Arc::new(ImdsApi::new(
+                ImdsSettings::from_config(&config).map_err(AppError::Config)?,
+                Arc::new(Unwired),
+                resolver.clone(),
+                watches.node.clone(),
+            ))),
+            None => None,
+        },
         resolver,
         whoami: config.debug_whoami,
     });
