@@ -42,8 +42,19 @@ pub struct Resolver {
     inner: Arc<Inner>,
 }
 
+/// How long an API answer of "no such pod" is trusted before asking again;
+/// protects the API server from a caller it will never know (a hostNetwork
+/// process, a pod of another node) hammering the metadata address.
+const NEGATIVE_TTL: Duration = Duration::from_secs(1);
+/// Bound on remembered negative answers.
+const NEGATIVE_MAX: usize = 4096;
+/// Concurrent direct pod lookups at the API server.
+const API_LOOKUP_CONCURRENCY: usize = 8;
+
 struct Inner {
     index: Arc<PodIndex>,
+    negative: parking_lot::Mutex<std::collections::HashMap<IpAddr, (Instant, LookupError)>>,
+    api_lookups: tokio::sync::Semaphore,
     service_accounts: ServiceAccounts,
     client: Client,
     node_name: String,
@@ -63,6 +74,8 @@ impl Resolver {
         Self {
             inner: Arc::new(Inner {
                 index,
+                negative: Default::default(),
+                api_lookups: tokio::sync::Semaphore::new(API_LOOKUP_CONCURRENCY),
                 service_accounts,
                 client,
                 node_name,
@@ -124,6 +137,19 @@ impl Resolver {
             }
             IpLookup::Unknown => {}
         }
+        if let Some(error) = self.recent_negative(ip) {
+            outcome("not_found");
+            return Err(error);
+        }
+        let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, inner.api_lookups.acquire()).await
+        else {
+            outcome("error");
+            return Err(LookupError::Unavailable {
+                ip,
+                timeout: inner.timeout,
+                reason: "too many concurrent lookups of unknown callers".into(),
+            });
+        };
         let api: Api<Pod> = Api::all(inner.client.clone());
         let params = ListParams::default().fields(&format!(
             "spec.nodeName={},status.podIP={ip}",
@@ -159,22 +185,24 @@ impl Resolver {
             }
             [] => {
                 outcome("not_found");
-                if let Some(host) = pods
+                let error = match pods
                     .iter()
                     .find(|p| p.spec.as_ref().and_then(|s| s.host_network) == Some(true))
                 {
-                    return Err(LookupError::HostNetwork {
+                    Some(host) => LookupError::HostNetwork {
                         ip,
                         pod: PodKey {
                             namespace: host.metadata.namespace.clone().unwrap_or_default(),
                             name: host.metadata.name.clone().unwrap_or_default(),
                         },
-                    });
-                }
-                Err(LookupError::NotFound {
-                    ip,
-                    node: inner.node_name.clone(),
-                })
+                    },
+                    None => LookupError::NotFound {
+                        ip,
+                        node: inner.node_name.clone(),
+                    },
+                };
+                self.remember_negative(ip, error.clone());
+                Err(error)
             }
             many => {
                 outcome("conflict");
@@ -184,6 +212,25 @@ impl Resolver {
                 })
             }
         }
+    }
+
+    fn recent_negative(&self, ip: IpAddr) -> Option<LookupError> {
+        let negative = self.inner.negative.lock();
+        negative
+            .get(&ip)
+            .filter(|(at, _)| at.elapsed() < NEGATIVE_TTL)
+            .map(|(_, error)| error.clone())
+    }
+
+    fn remember_negative(&self, ip: IpAddr, error: LookupError) {
+        let mut negative = self.inner.negative.lock();
+        if negative.len() >= NEGATIVE_MAX {
+            negative.retain(|_, (at, _)| at.elapsed() < NEGATIVE_TTL);
+            if negative.len() >= NEGATIVE_MAX {
+                negative.clear();
+            }
+        }
+        negative.insert(ip, (Instant::now(), error));
     }
 
     async fn service_account_of(
