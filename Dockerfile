@@ -29,10 +29,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 ARG DEBIAN_FRONTEND=noninteractive
 # iptables: /usr/sbin/iptables-nft, /usr/sbin/iptables-legacy and the
-#   `iptables` alternatives link (default nft). The daemon picks one:
-#   METABRIDGE_IPTABLES=iptables|iptables-nft|iptables-legacy, else it detects
-#   the backend kube-proxy uses on the node (KUBE-IPTABLES-HINT, else rule
-#   counts), as Kubernetes' iptables-wrapper does.
+#   `iptables` alternatives link (default nft). The daemon calls the one named
+#   by METABRIDGE_IPTABLES (iptables | iptables-nft | iptables-legacy; default
+#   iptables), which must match the backend kube-proxy uses on the node.
 # conntrack: drop stale NAT entries for 169.254.169.254:80 made before our
 #   rules existed (an established connection keeps its original destination).
 # ca-certificates: TLS to Google STS/IAM and AWS STS.

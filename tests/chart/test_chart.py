@@ -34,6 +34,8 @@ SCENARIOS = {
     **{f"preset-{p}": {"intercept": {"preset": p}} for p in PRESETS},
     "preset-custom": {"intercept": {"preset": "custom", "interfaces": ["veth+", "cni0"]}},
     "gce-only": GCE,
+    "gke-pool": {"gce": {"enabled": True, "workloadIdentityProvider": "my-project.svc.id.goog", "projectNumber": "123456789012",
+                         "clusterIssuer": "https://container.googleapis.com/v1/projects/my-project/locations/europe-west1/clusters/prod"}},
     "imds-only": IMDS,
     "both": deep_merge(GCE, IMDS, {"imds": {"tokenSource": "google"}}),
     "everything": deep_merge(
@@ -205,6 +207,33 @@ def test_intercept_custom_and_extra_interfaces():
     assert e["METABRIDGE_INTERCEPT_INTERFACES"] == "cali+,eni+"
 
 
+GKE_POOL = SCENARIOS["gke-pool"]
+
+
+def test_gke_builtin_pool():
+    e = env(render(GKE_POOL))
+    assert e["METABRIDGE_GCP_WORKLOAD_IDENTITY_PROVIDER"] == "my-project.svc.id.goog"
+    assert e["METABRIDGE_GCP_PROJECT_NUMBER"] == "123456789012"
+    assert e["METABRIDGE_GCP_CLUSTER_ISSUER"].startswith("https://container.googleapis.com/v1/projects/my-project/")
+    incomplete = deep_merge(GKE_POOL, {"gce": {"clusterIssuer": ""}})
+    with pytest.raises(helm_python.HelmError, match="projectNumber and gce.clusterIssuer"):
+        render(incomplete)
+
+
+def test_aws_type_provider_and_audiences():
+    e = env(render(deep_merge(GCE, IMDS, {
+        "gce": {"providerType": "aws", "tokenAudience": "//iam.googleapis.com/x"},
+        "imds": {"tokenAudience": "aws-aud", "googleAudience": "g-aud", "sessionDuration": "2h"},
+        "cacheKey": "pod"})))
+    assert e["METABRIDGE_GCP_PROVIDER_TYPE"] == "aws"
+    assert e["METABRIDGE_GCP_TOKEN_AUDIENCE"] == "//iam.googleapis.com/x"
+    assert e["METABRIDGE_AWS_TOKEN_AUDIENCE"] == "aws-aud"
+    assert e["METABRIDGE_AWS_GOOGLE_AUDIENCE"] == "g-aud"
+    assert e["METABRIDGE_AWS_SESSION_DURATION"] == "2h"
+    assert e["METABRIDGE_CACHE_KEY"] == "pod"
+    assert env(render(GCE))["METABRIDGE_GCP_PROVIDER_TYPE"] == "oidc"
+
+
 def test_gce_only():
     e = env(render(GCE))
     assert e["METABRIDGE_GCP_WORKLOAD_IDENTITY_PROVIDER"] == GCE["gce"]["workloadIdentityProvider"]
@@ -236,16 +265,15 @@ def test_both_apis_and_overrides():
     assert container(render(SCENARIOS["everything"]))["args"] == ["run", "--foo=bar"]
 
 
-# The chart may only set what the binary reads (docs/CONTRACTS.md), plus the
-# downward-API HOST_IP the binary's --intercept-to default uses, and two
-# variables this chart proposes (not yet in CONTRACTS.md; see the report).
-PROPOSED_ENV = {"METABRIDGE_STARTUP_TAINT", "METABRIDGE_IPTABLES"}
+# The chart may only set what the binary reads (docs/CONTRACTS.md and the
+# README's configuration reference), plus the downward-API HOST_IP the
+# binary's --intercept-to default uses.
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_env_names_are_the_binarys(scenario):
     names = set(env(render(SCENARIOS[scenario]))) - {"RUST_BACKTRACE"}  # extraEnv
-    unknown = names - contract_env_vars() - {"HOST_IP"} - PROPOSED_ENV
+    unknown = names - contract_env_vars() - {"HOST_IP"}
     assert not unknown, f"env vars not in docs/CONTRACTS.md: {unknown}"
 
 
@@ -266,7 +294,8 @@ BASE_RULES = {
     "pods": {"get", "list", "watch"},
     "serviceaccounts": {"get", "list", "watch"},
     "serviceaccounts/token": {"create"},
-    "nodes": {"get"},
+    # The daemon watches its own Node (fieldSelector metadata.name=NODE).
+    "nodes": {"get", "list", "watch"},
 }
 
 
@@ -283,7 +312,7 @@ def test_rbac_least_privilege(default_objs):
 
 def test_rbac_startup_taint_adds_only_node_patch():
     objs = render({"startupTaint": {"enabled": True}})
-    assert rules(objs) == {**BASE_RULES, "nodes": {"get", "patch"}}
+    assert rules(objs) == {**BASE_RULES, "nodes": {"get", "list", "watch", "patch"}}
 
 
 def test_rbac_can_be_left_to_the_user():
@@ -308,6 +337,10 @@ BAD_VALUES = {
     "not a region": {"imds": {"enabled": True, "region": "Ireland"}},
     "google token source without gce": {"imds": {"enabled": True, "region": "us-east-1", "tokenSource": "google"}},
     "bad token source": {"imds": {"tokenSource": "aws"}},
+    "bad provider type": {"gce": {"providerType": "saml"}},
+    "project number not a number": {"gce": {"projectNumber": "my-project"}},
+    "bad cache key": {"cacheKey": "node"},
+    "bad session duration": {"imds": {"sessionDuration": "an hour"}},
     "port out of range": {"ports": {"admin": 70000}},
     "bad duration": {"podLookupTimeout": "400"},
     "bad log format": {"logFormat": "xml"},

@@ -197,9 +197,14 @@ def test_reference_check_can_fail(tmp_path, monkeypatch):
         test_parses_and_is_consistent("bad")
 
 
-def test_terraform_fmt():
+def test_terraform_fmt(tmp_path):
     terraform = shutil.which("terraform")
     if not terraform:
         pytest.skip("terraform not installed")
     r = subprocess.run([terraform, "fmt", "-check", "-recursive", "-diff", str(TF)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+    for module in MODULES:  # fmt only looks at *.tfvars
+        copy = tmp_path / (module.replace("/", "-") + ".tfvars")
+        shutil.copy(TF / module / "terraform.tfvars.example", copy)
+        r = subprocess.run([terraform, "fmt", "-check", "-diff", str(copy)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{module}: " + r.stdout + r.stderr

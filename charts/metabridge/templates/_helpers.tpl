@@ -81,6 +81,9 @@ Cross-field checks the schema cannot phrase as clearly.
 {{- if and .Values.gce.enabled (not .Values.gce.workloadIdentityProvider) }}
 {{- fail "gce.enabled is true but gce.workloadIdentityProvider is empty: set projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER" }}
 {{- end }}
+{{- if and .Values.gce.enabled (hasSuffix ".svc.id.goog" .Values.gce.workloadIdentityProvider) (not (and .Values.gce.projectNumber .Values.gce.clusterIssuer)) }}
+{{- fail "gce.workloadIdentityProvider is GKE's built-in pool (PROJECT.svc.id.goog): also set gce.projectNumber and gce.clusterIssuer (https://container.googleapis.com/v1/projects/P/locations/L/clusters/C)" }}
+{{- end }}
 {{- if and .Values.imds.enabled (not .Values.imds.region) }}
 {{- fail "imds.enabled is true but imds.region is empty: set the AWS region (e.g. us-east-1)" }}
 {{- end }}

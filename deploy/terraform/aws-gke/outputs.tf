@@ -4,8 +4,15 @@ output "oidc_provider_arn" {
 }
 
 output "helm_values" {
-  description = "Chart values (YAML) for metabridge on this GKE cluster (add gce.* too: on GKE metabridge takes over 169.254.169.254:80 from pods, Google paths included)."
+  description = "Chart values (YAML) for metabridge on this GKE cluster. gce is on with the cluster's built-in pool: metabridge takes 169.254.169.254:80 over from GKE's metadata server for pods, Google paths included."
   value = yamlencode({
+    gce = {
+      enabled                  = true
+      workloadIdentityProvider = "${var.gke_project_id}.svc.id.goog"
+      projectId                = var.gke_project_id
+      projectNumber            = var.gke_project_number
+      clusterIssuer            = local.issuer_url
+    }
     imds = {
       enabled     = true
       region      = var.aws_region

@@ -8,6 +8,16 @@ variable "gke_project_id" {
   type        = string
 }
 
+variable "gke_project_number" {
+  description = "Project number of the GKE cluster's project (`gcloud projects describe P --format='value(projectNumber)'`), for the chart's gce values (the cluster's built-in pool)."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[0-9]+$", var.gke_project_number))
+    error_message = "gke_project_number must be digits."
+  }
+}
+
 variable "gke_location" {
   description = "Region or zone of the GKE cluster (e.g. europe-west1)."
   type        = string

@@ -38,12 +38,14 @@ resource "google_iam_workload_identity_pool_provider" "eks" {
   description                        = "EKS cluster issuer ${var.eks_oidc_issuer_url}"
 
   # google.subject is system:serviceaccount:NS:SA (<= 127 chars); the
-  # attributes allow principalSet bindings and conditions per namespace.
+  # attributes allow principalSet bindings and conditions per namespace. No
+  # pod attribute: metabridge shares one exchange among a ServiceAccount's pods
+  # (chart value cacheKey: identity), so a condition on the pod name would see
+  # whichever pod came first (add it only together with cacheKey: pod).
   attribute_mapping = {
     "google.subject"                 = "assertion.sub"
     "attribute.namespace"            = "assertion['kubernetes.io']['namespace']"
     "attribute.service_account_name" = "assertion['kubernetes.io']['serviceaccount']['name']"
-    "attribute.pod"                  = "assertion['kubernetes.io']['pod']['name']"
   }
   attribute_condition = var.attribute_condition
 

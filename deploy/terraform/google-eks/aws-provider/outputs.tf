@@ -9,6 +9,7 @@ output "helm_values" {
     gce = {
       enabled                  = true
       workloadIdentityProvider = google_iam_workload_identity_pool_provider.aws.name
+      providerType             = "aws"
       projectId                = var.project_id
     }
     intercept = { preset = "aws-vpc-cni" }
