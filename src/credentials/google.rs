@@ -210,6 +210,15 @@ pub struct StsToken {
     pub expires_at: SystemTime,
 }
 
+impl std::fmt::Debug for StsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // NB: never print the token itself.
+        f.debug_struct("StsToken")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The HTTP client for Google STS and IAM Credentials.
 #[derive(Clone)]
 pub struct GoogleClient {

@@ -10,6 +10,9 @@ mod google;
 mod kube;
 mod upstream;
 
+#[cfg(test)]
+mod http_tests;
+
 use std::{
     future::Future,
     sync::Arc,
