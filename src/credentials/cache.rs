@@ -366,21 +366,19 @@ impl<M: Mint> CredentialCache<M> {
     /// role's AWS session if the IMDS API is enabled and the ServiceAccount
     /// names a role), so the pod's first request is a hit. Needs a runtime.
     pub fn prefetch(&self, caller: Caller) {
-        if self.google_enabled() {
-            if let Ok(key) = self.google_access_key(&caller, &[]) {
-                self.ensure(key, &caller);
-            }
+        if self.google_enabled()
+            && let Ok(key) = self.google_access_key(&caller, &[])
+        {
+            self.ensure(key, &caller);
         }
-        if self.aws_enabled() {
-            if let Some(role) = caller
+        if self.aws_enabled()
+            && let Some(role) = caller
                 .service_account
                 .annotation(AWS_ROLE_ARN_ANNOTATION)
                 .map(String::from)
-            {
-                if let Ok(key) = self.aws_key(&caller, &role) {
-                    self.ensure(key, &caller);
-                }
-            }
+            && let Ok(key) = self.aws_key(&caller, &role)
+        {
+            self.ensure(key, &caller);
         }
     }
 
@@ -473,7 +471,7 @@ impl<M: Mint> CredentialCache<M> {
                     _ = interval.tick() => {}
                 }
                 n = n.wrapping_add(1);
-                if n % PRUNE_EVERY == 0 {
+                if n.is_multiple_of(PRUNE_EVERY) {
                     let mut live = Vec::new();
                     let mut unknown = Vec::new();
                     for pod in index.pods() {
@@ -519,10 +517,10 @@ impl<M: Mint> CredentialCache<M> {
                 ),
             });
         }
-        if let Some(role) = &principal.role {
-            if provider_type == GcpProviderType::Aws {
-                validate_role(role)?;
-            }
+        if let Some(role) = &principal.role
+            && provider_type == GcpProviderType::Aws
+        {
+            validate_role(role)?;
         }
         Ok(Key {
             principal,
@@ -671,13 +669,12 @@ impl<M: Mint> CredentialCache<M> {
                 }
                 return Ok(v);
             }
-            if st.flight.is_none() {
-                if let Some(error) = &st.error {
-                    if now < st.retry_at {
-                        // Failed recently: answer at once rather than hammer upstream.
-                        return Err(error.clone());
-                    }
-                }
+            if st.flight.is_none()
+                && let Some(error) = &st.error
+                && now < st.retry_at
+            {
+                // Failed recently: answer at once rather than hammer upstream.
+                return Err(error.clone());
             }
             self.inner
                 .metrics

@@ -66,12 +66,12 @@ impl GoogleSettings {
             return Ok(None);
         };
         let raw = raw.trim();
-        if let Some(n) = cfg.gcp_project_number.as_deref() {
-            if n.is_empty() || !n.chars().all(|c| c.is_ascii_digit()) {
-                return Err(format!(
-                    "--gcp-project-number {n:?}: must be the numeric project id"
-                ));
-            }
+        if let Some(n) = cfg.gcp_project_number.as_deref()
+            && (n.is_empty() || !n.chars().all(|c| c.is_ascii_digit()))
+        {
+            return Err(format!(
+                "--gcp-project-number {n:?}: must be the numeric project id"
+            ));
         }
         let (pool, sts_audience, default_token_audience, project_number) = if let Some(pool) =
             raw.strip_suffix(".svc.id.goog")
@@ -115,12 +115,12 @@ impl GoogleSettings {
                         "--gcp-workload-identity-provider {raw:?}: expected projects/NUM/locations/global/workloadIdentityPools/POOL/providers/PROV or PROJECT_ID.svc.id.goog"
                     )
                 })?;
-            if let Some(flag) = cfg.gcp_project_number.as_deref() {
-                if flag != number {
-                    return Err(format!(
-                        "--gcp-project-number {flag} contradicts the provider's project {number}"
-                    ));
-                }
+            if let Some(flag) = cfg.gcp_project_number.as_deref()
+                && flag != number
+            {
+                return Err(format!(
+                    "--gcp-project-number {flag} contradicts the provider's project {number}"
+                ));
             }
             let audience = format!("//iam.googleapis.com/{name}");
             (
