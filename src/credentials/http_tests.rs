@@ -394,3 +394,258 @@ async fn aws_sts_assume_role_with_web_identity_on_the_wire() {
     assert!(is_expired_token(&expired) && !expired.is_retryable());
     assert_eq!(seen.lock().len(), 6, "no SDK retries: one request per call");
 }
+
+// === the whole flows through Upstream: fake API server + Google + AWS ===
+
+mod flows {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::{
+        config::{Cli, Command, RunConfig},
+        credentials::{Mint, Upstream},
+        pods::{Caller, PodInfo, ServiceAccountInfo},
+    };
+
+    fn run_config(base: &str, extra: &[&str]) -> RunConfig {
+        let mut argv = vec![
+            "metabridge",
+            "run",
+            "--node-name",
+            "n1",
+            "--gcp-workload-identity-provider",
+            PROVIDER,
+            "--gcp-sts-url",
+            base,
+            "--gcp-iamcredentials-url",
+            base,
+            "--aws-region",
+            "eu-west-1",
+            "--aws-sts-url",
+            base,
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(cfg) => *cfg,
+            _ => unreachable!(),
+        }
+    }
+
+    fn caller(annotations: &[(&str, &str)]) -> Caller {
+        Caller {
+            pod: Arc::new(PodInfo {
+                namespace: "ns".into(),
+                name: "web-1".into(),
+                uid: "pod-uid-1".into(),
+                service_account: "sa".into(),
+                ips: vec!["10.0.0.9".parse().unwrap()],
+            }),
+            service_account: Arc::new(ServiceAccountInfo {
+                namespace: "ns".into(),
+                name: "sa".into(),
+                uid: "sa-uid".into(),
+                annotations: annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            }),
+        }
+    }
+
+    const ASSUMED: &str = r#"<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><AssumeRoleWithWebIdentityResult><Credentials><AccessKeyId>ASIAFLOW</AccessKeyId><SecretAccessKey>flowsecret</SecretAccessKey><SessionToken>flowsession</SessionToken><Expiration>2030-01-01T01:00:00Z</Expiration></Credentials><AssumedRoleUser><Arn>arn:aws:sts::123456789012:assumed-role/app/ns.web-1</Arn><AssumedRoleId>AROA:ns.web-1</AssumedRoleId></AssumedRoleUser></AssumeRoleWithWebIdentityResult><ResponseMetadata><RequestId>u</RequestId></ResponseMetadata></AssumeRoleWithWebIdentityResponse>"#;
+
+    /// One server playing the API server, Google STS, IAM Credentials and
+    /// AWS STS. The first `expire_first` AWS calls answer ExpiredTokenException.
+    async fn world(expire_first: usize) -> (String, Arc<Mutex<Vec<Seen>>>) {
+        let kube_n = Arc::new(AtomicUsize::new(0));
+        let aws_n = Arc::new(AtomicUsize::new(0));
+        serve(Arc::new(move |req: &Seen| {
+            if req
+                .path
+                .starts_with("/api/v1/namespaces/ns/serviceaccounts/sa/token")
+            {
+                let n = kube_n.fetch_add(1, Ordering::SeqCst) + 1;
+                let mut v: serde_json::Value = serde_json::from_str(&req.body).unwrap();
+                let aud = v["spec"]["audiences"][0].as_str().unwrap().to_string();
+                v["status"] = serde_json::json!({
+                    "token": format!("ksa{n}|{aud}"),
+                    "expirationTimestamp": "2030-01-01T01:00:00Z"
+                });
+                (201, "application/json", v.to_string())
+            } else if req.path == "/v1/token" {
+                (
+                    200,
+                    "application/json",
+                    r#"{"access_token":"fed","token_type":"Bearer","expires_in":3600}"#.into(),
+                )
+            } else if req.path.ends_with(":generateAccessToken") {
+                (
+                    200,
+                    "application/json",
+                    r#"{"accessToken":"gsa-token","expireTime":"2030-01-01T01:00:00Z"}"#.into(),
+                )
+            } else if req.path.ends_with(":generateIdToken") {
+                (
+                    200,
+                    "application/json",
+                    r#"{"token":"eyJhbGciOiJSUzI1NiJ9.eyJleHAiOjE4OTM0NTk2MDB9.google"}"#.into(),
+                )
+            } else if form(&req.body).get("Action").map(String::as_str)
+                == Some("AssumeRoleWithWebIdentity")
+            {
+                if aws_n.fetch_add(1, Ordering::SeqCst) < expire_first {
+                    (
+                        400,
+                        "text/xml",
+                        sts_error("ExpiredTokenException", "Token expired"),
+                    )
+                } else {
+                    (200, "text/xml", ASSUMED.into())
+                }
+            } else {
+                (
+                    404,
+                    "text/plain",
+                    format!("unexpected {} {}", req.method, req.path),
+                )
+            }
+        }))
+        .await
+    }
+
+    async fn upstream(base: &str, extra: &[&str]) -> Upstream {
+        let config = run_config(base, extra);
+        let client = ::kube::Client::try_from(::kube::Config::new(base.parse().unwrap())).unwrap();
+        Upstream::new(&config, client, Metrics::new()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn oidc_direct_and_impersonated() {
+        let (base, seen) = world(0).await;
+        let up = upstream(&base, &[]).await;
+        let scopes = vec!["https://www.googleapis.com/auth/devstorage.read_only".to_string()];
+
+        let direct = up.google_access(&caller(&[]), None, &scopes).await.unwrap();
+        assert_eq!(direct.access_token, "fed");
+        let log = seen.lock().clone();
+        let kube = &log[0];
+        let tr: serde_json::Value = serde_json::from_str(&kube.body).unwrap();
+        let aud = format!("//iam.googleapis.com/{PROVIDER}");
+        assert_eq!(tr["spec"]["audiences"], serde_json::json!([aud]));
+        assert_eq!(tr["spec"]["boundObjectRef"]["uid"], "pod-uid-1");
+        let f = form(&log[1].body);
+        assert_eq!(f["subject_token"], format!("ksa1|{aud}"));
+        assert_eq!(
+            f["scope"], scopes[0],
+            "direct access asks STS for the pod's scopes"
+        );
+
+        let gsa = "app@proj.iam.gserviceaccount.com";
+        let t = up
+            .google_access(&caller(&[]), Some(gsa), &scopes)
+            .await
+            .unwrap();
+        assert_eq!(t.access_token, "gsa-token");
+        let id = up
+            .google_id(&caller(&[]), gsa, "https://svc", true)
+            .await
+            .unwrap();
+        assert!(id.token.ends_with(b".google"));
+        let log = seen.lock().clone();
+        assert_eq!(
+            form(&log[3].body)["scope"],
+            "https://www.googleapis.com/auth/cloud-platform"
+        );
+        let body: serde_json::Value = serde_json::from_str(&log[4].body).unwrap();
+        assert_eq!(body["scope"], serde_json::json!(scopes));
+    }
+
+    #[tokio::test]
+    async fn aws_provider_type_presents_a_signed_get_caller_identity() {
+        let (base, seen) = world(0).await;
+        let up = upstream(&base, &["--gcp-provider-type", "aws"]).await;
+        let c = caller(&[("eks.amazonaws.com/role-arn", ROLE)]);
+        let t = up.google_access(&c, None, &[]).await.unwrap();
+        assert_eq!(t.access_token, "fed");
+        let log = seen.lock().clone();
+        // kube token for AWS, AssumeRoleWithWebIdentity, then Google STS.
+        let tr: serde_json::Value = serde_json::from_str(&log[0].body).unwrap();
+        assert_eq!(
+            tr["spec"]["audiences"],
+            serde_json::json!(["sts.amazonaws.com"])
+        );
+        assert_eq!(
+            form(&log[1].body)["WebIdentityToken"],
+            "ksa1|sts.amazonaws.com"
+        );
+        let f = form(&log[2].body);
+        assert_eq!(
+            f["subject_token_type"],
+            "urn:ietf:params:aws:token-type:aws4_request"
+        );
+        let json = percent_encoding::percent_decode_str(&f["subject_token"])
+            .decode_utf8()
+            .unwrap()
+            .into_owned();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        // The signed URL is the real regional endpoint even with --aws-sts-url.
+        assert_eq!(
+            v["url"],
+            "https://sts.eu-west-1.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15"
+        );
+        let headers = v["headers"].as_array().unwrap();
+        let get = |k: &str| {
+            headers
+                .iter()
+                .find(|h| h["key"] == k)
+                .map(|h| h["value"].as_str().unwrap().to_string())
+        };
+        assert_eq!(get("x-amz-security-token").as_deref(), Some("flowsession"));
+        assert_eq!(
+            get("x-goog-cloud-target-resource"),
+            Some(format!("//iam.googleapis.com/{PROVIDER}"))
+        );
+        assert!(
+            get("Authorization")
+                .unwrap()
+                .starts_with("AWS4-HMAC-SHA256 Credential=ASIAFLOW/")
+        );
+    }
+
+    #[tokio::test]
+    async fn aws_sessions_from_kubernetes_and_google_tokens() {
+        let (base, seen) = world(1).await;
+        let up = upstream(&base, &[]).await;
+        // Expired on the first try: one fresh kube token and a retry.
+        let s = up
+            .aws_session(&caller(&[]), ROLE, AwsTokenSource::Kubernetes)
+            .await
+            .unwrap();
+        assert_eq!(s.access_key_id, "ASIAFLOW");
+        assert_eq!(
+            s.assumed_role_arn,
+            "arn:aws:sts::123456789012:assumed-role/app/ns.web-1"
+        );
+        let log = seen.lock().clone();
+        assert_eq!(log.len(), 4, "kube, sts (expired), kube, sts");
+        assert_eq!(
+            form(&log[3].body)["WebIdentityToken"],
+            "ksa2|sts.amazonaws.com"
+        );
+        assert_eq!(form(&log[3].body)["RoleSessionName"], "ns.web-1");
+
+        let c = caller(&[(
+            "iam.gke.io/gcp-service-account",
+            "app@proj.iam.gserviceaccount.com",
+        )]);
+        up.aws_session(&c, ROLE, AwsTokenSource::Google)
+            .await
+            .unwrap();
+        let log = seen.lock().clone();
+        let id_req: serde_json::Value = serde_json::from_str(&log[6].body).unwrap();
+        assert_eq!(id_req["audience"], "sts.amazonaws.com");
+        assert!(form(&log[7].body)["WebIdentityToken"].ends_with(".google"));
+    }
+}
