@@ -59,6 +59,8 @@ const RETRY_BASE: Duration = Duration::from_secs(1);
 const RETRY_CAP: Duration = Duration::from_secs(60);
 /// A refresh is never scheduled sooner than this after a mint.
 const MIN_REFRESH_DELAY: Duration = Duration::from_secs(10);
+/// Unused entries without a valid credential are dropped after this.
+const IDLE_GRACE: Duration = Duration::from_secs(60);
 
 /// Wall-clock time, injectable so tests control expiry.
 pub trait Clock: Send + Sync + 'static {
@@ -244,6 +246,10 @@ type Flight = Shared<BoxFuture<'static, Result<Value, CredentialError>>>;
 
 struct Entry {
     key: Key,
+    /// Kept fresh while its identity lives (what prefetch mints: the default
+    /// access token, AWS sessions). Other entries are refreshed only while
+    /// used and dropped once expired.
+    keep_warm: bool,
     /// A live pod of this identity: the one tokens are bound to on refresh.
     caller: Mutex<Caller>,
     state: Mutex<State>,
@@ -257,6 +263,9 @@ struct State {
     retry_at: SystemTime,
     failures: u32,
     flight: Option<Flight>,
+    /// When the current value was minted, and when anyone last asked.
+    minted_at: SystemTime,
+    last_used: SystemTime,
 }
 
 struct Inner<M> {
@@ -431,13 +440,23 @@ impl<M: Mint> CredentialCache<M> {
     pub fn tick(&self) {
         let now = self.inner.clock.now();
         let entries: Vec<Arc<Entry>> = self.inner.entries.read().values().cloned().collect();
+        let mut idle = Vec::new();
         for entry in entries {
             let mut st = entry.state.lock();
-            if st.flight.is_some() || now < st.retry_at {
+            if st.flight.is_some() {
+                continue;
+            }
+            if is_idle(&entry, &st, now) {
+                idle.push(entry.key.clone());
+                continue;
+            }
+            if now < st.retry_at {
                 continue;
             }
             let due = match &st.value {
-                Some(v) if v.expires_at() > now => now >= st.refresh_at,
+                Some(v) if v.expires_at() > now => {
+                    now >= st.refresh_at && (entry.keep_warm || st.last_used > st.minted_at)
+                }
                 // No (live) value: retry only what may succeed by retrying.
                 _ => st.error.as_ref().is_some_and(CredentialError::is_retryable),
             };
@@ -445,6 +464,19 @@ impl<M: Mint> CredentialCache<M> {
                 let caller = entry.caller.lock().clone();
                 let refresh = st.value.is_some();
                 st.flight = Some(self.start_flight(entry.clone(), caller, refresh));
+            }
+        }
+        if !idle.is_empty() {
+            let mut entries = self.inner.entries.write();
+            for key in idle {
+                // Re-checked: a request may have picked it up meanwhile.
+                let still_idle = entries.get(&key).is_some_and(|e| {
+                    let st = e.state.lock();
+                    st.flight.is_none() && is_idle(e, &st, now)
+                });
+                if still_idle {
+                    entries.remove(&key);
+                }
             }
         }
         self.update_gauges();
@@ -624,8 +656,15 @@ impl<M: Mint> CredentialCache<M> {
         entries
             .entry(key.clone())
             .or_insert_with(|| {
+                let keep_warm = match &key.request {
+                    Request::Aws { .. } => true,
+                    Request::GoogleAccess { scopes } => *scopes == google::normalize_scopes(&[]),
+                    Request::GoogleId { .. } => false,
+                };
+                let now = self.inner.clock.now();
                 Arc::new(Entry {
                     key,
+                    keep_warm,
                     caller: Mutex::new(caller.clone()),
                     state: Mutex::new(State {
                         value: None,
@@ -634,6 +673,8 @@ impl<M: Mint> CredentialCache<M> {
                         retry_at: SystemTime::UNIX_EPOCH,
                         failures: 0,
                         flight: None,
+                        minted_at: SystemTime::UNIX_EPOCH,
+                        last_used: now,
                     }),
                 })
             })
@@ -656,6 +697,7 @@ impl<M: Mint> CredentialCache<M> {
         let flight = {
             let now = self.inner.clock.now();
             let mut st = entry.state.lock();
+            st.last_used = now;
             if let Some(v) = st.value.clone().filter(|v| usable(v, now, min)) {
                 self.inner
                     .metrics
@@ -717,6 +759,7 @@ impl<M: Mint> CredentialCache<M> {
                     st.error = None;
                     st.failures = 0;
                     st.retry_at = SystemTime::UNIX_EPOCH;
+                    st.minted_at = now;
                     st.refresh_at = refresh_at(now, v.expires_at(), min);
                     drop(st);
                     log_issued(&entry.key, &caller, v);
@@ -817,6 +860,14 @@ impl<M: Mint> CredentialCache<M> {
             .unwrap_or(0.0);
         m.cache_soonest_expiry.set(secs);
     }
+}
+
+/// Nothing valid to serve, nothing worth retrying in the background, and no
+/// one asked for a while: the entry can go.
+fn is_idle(entry: &Entry, st: &State, now: SystemTime) -> bool {
+    let live = st.value.as_ref().is_some_and(|v| v.expires_at() > now);
+    let retrying = entry.keep_warm && st.error.as_ref().is_some_and(CredentialError::is_retryable);
+    !live && !retrying && now >= st.retry_at && now >= st.last_used + IDLE_GRACE
 }
 
 fn usable(v: &Value, now: SystemTime, min: Duration) -> bool {

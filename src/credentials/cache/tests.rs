@@ -606,6 +606,45 @@ async fn aws_provider_type_needs_a_role_and_disabled_apis_say_so() {
     assert_eq!(mint.calls(), 1);
 }
 
+#[tokio::test]
+async fn unused_entries_are_not_kept_warm_and_go_once_expired() {
+    let (cache, mint, clock, _m) = setup(CacheKeying::Identity);
+    let c = caller("ns", "p1", "sa", &[(GCP_SERVICE_ACCOUNT_ANNOTATION, GSA)]);
+    cache.access_token(&c, &[]).await.unwrap(); // default scopes: kept warm
+    cache.id_token(&c, "aud-once", true).await.unwrap(); // asked once
+    assert_eq!(mint.calls(), 2);
+    clock.advance(Duration::from_secs(2600));
+    cache.tick();
+    settle(&cache).await;
+    assert_eq!(
+        mint.calls(),
+        3,
+        "only the default access token was refreshed"
+    );
+    // After the ID token expired (and a grace), its entry is dropped.
+    clock.advance(Duration::from_secs(1100));
+    cache.tick();
+    settle(&cache).await;
+    assert_eq!(cache.len(), 1);
+    // A used ID token is refreshed like any other.
+    cache.id_token(&c, "aud-busy", true).await.unwrap();
+    clock.advance(Duration::from_secs(1000));
+    cache.id_token(&c, "aud-busy", true).await.unwrap();
+    let before = mint.calls();
+    // Up to t = 6300 s: past every possible refresh time of both (≤ 6220 s).
+    for _ in 0..5 {
+        clock.advance(Duration::from_secs(400));
+        cache.tick();
+        settle(&cache).await;
+    }
+    assert_eq!(
+        mint.calls(),
+        before + 2,
+        "the busy ID token and the default token"
+    );
+    assert_eq!(cache.len(), 2);
+}
+
 #[test]
 fn refresh_schedule_bounds() {
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
