@@ -24,7 +24,9 @@ use bytes::Bytes;
 use crate::pods::Caller;
 
 pub use aws::{AwsSettings, render_imds_body, session_name};
-pub use cache::{Clock, CredentialCache, Credentials, Mint, SystemClock, TargetKind};
+pub use cache::{
+    AWS_MIN_LIFETIME, Clock, CredentialCache, Credentials, Mint, Policy, SystemClock, TargetKind,
+};
 pub use google::{DEFAULT_SCOPES, GoogleSettings, PoolKind};
 pub use kube::{KubeToken, KubeTokens};
 pub use upstream::Upstream;
