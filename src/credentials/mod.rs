@@ -4,11 +4,32 @@
 //! The APIs depend on the traits below, not on the minting machinery, so each
 //! API is tested against a fake source and the cache against fake minters.
 
-use std::{future::Future, sync::Arc, time::SystemTime};
+mod aws;
+mod cache;
+mod google;
+mod kube;
+mod upstream;
+
+#[cfg(test)]
+mod http_tests;
+
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use bytes::Bytes;
 
 use crate::pods::Caller;
+
+pub use aws::{AwsSettings, render_imds_body, session_name};
+pub use cache::{
+    AWS_MIN_LIFETIME, Clock, CredentialCache, Credentials, Mint, Policy, SystemClock, TargetKind,
+};
+pub use google::{DEFAULT_SCOPES, GoogleSettings, PoolKind};
+pub use kube::{KubeToken, KubeTokens};
+pub use upstream::Upstream;
 
 /// A Google OAuth2 access token as the GCE metadata server hands it out.
 #[derive(Debug, Clone)]
@@ -146,10 +167,134 @@ pub trait AwsCredentialSource: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Arc<AwsSession>, CredentialError>> + Send;
 }
 
+/// `YYYY-MM-DDTHH:MM:SSZ` (UTC, whole seconds), the form botocore, Go and
+/// google-auth parse.
+pub fn format_utc_seconds(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    k8s_openapi::jiff::Timestamp::from_second(secs)
+        .map(|ts| ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+/// Parses an RFC 3339 timestamp (`2026-01-01T01:00:00Z`, fractions allowed).
+pub(crate) fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    s.parse::<k8s_openapi::jiff::Timestamp>()
+        .ok()
+        .map(SystemTime::from)
+}
+
+/// How upstream calls are retried: only retryable errors, a bounded number
+/// of attempts, exponential backoff with full jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Delay before retry number `attempt` (1-based): `base·2^(attempt-1)`
+    /// capped at `max`, jittered to 50–100 %.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+        jitter(exp.min(self.max), 0.5)
+    }
+
+    /// Runs `op` until it succeeds, fails permanently, or attempts run out.
+    pub async fn run<T, F, Fut>(&self, mut op: F) -> Result<T, CredentialError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, CredentialError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match op().await {
+                Err(error) if error.is_retryable() && attempt < self.attempts.max(1) => {
+                    tracing::debug!(%error, attempt, "retrying upstream call");
+                    tokio::time::sleep(self.delay(attempt)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// `d` scaled by a random factor in `[low, 1]`.
+pub(crate) fn jitter(d: Duration, low: f64) -> Duration {
+    let f: f64 = rand::random_range(low..=1.0);
+    d.mul_f64(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    #[test]
+    fn utc_seconds_format() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_767_229_200_999);
+        assert_eq!(format_utc_seconds(t), "2026-01-01T01:00:00Z");
+        assert_eq!(
+            parse_rfc3339("2026-01-01T01:00:00Z"),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_229_200))
+        );
+        assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[tokio::test]
+    async fn retry_policy_retries_only_retryable() {
+        let policy = RetryPolicy {
+            attempts: 3,
+            base: Duration::from_millis(1),
+            max: Duration::from_millis(2),
+        };
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let result: Result<(), _> = policy
+            .run(|| {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async {
+                    Err(CredentialError::Upstream {
+                        service: "x",
+                        status: Some(503),
+                        code: "unavailable".into(),
+                        message: "m".into(),
+                        retryable: true,
+                    })
+                }
+            })
+            .await;
+        assert!(result.is_err());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+
+        calls.store(0, std::sync::atomic::Ordering::SeqCst);
+        let result: Result<(), _> = policy
+            .run(|| {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async {
+                    Err(CredentialError::NotConfigured {
+                        message: "no".into(),
+                    })
+                }
+            })
+            .await;
+        assert!(result.is_err());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn access_token_body_counts_down() {
