@@ -8,8 +8,9 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     admin,
     config::RunConfig,
-    gce::{GceApi, GceSettings, NoCredentials},
-    imds::{ImdsApi, ImdsSettings, Unwired},
+    credentials::{Budgeted, Credentials},
+    gce::{GceApi, GceSettings},
+    imds::{ImdsApi, ImdsSettings},
     intercept::{self, Interceptor},
     metrics::Metrics,
     pods::{self, PodIndex, Resolver},
@@ -55,14 +56,36 @@ pub async fn run(
             source,
         })?;
 
+    let credentials =
+        Credentials::new(&config, client.clone(), metrics.clone()).map_err(AppError::Config)?;
+
     let index = Arc::new(PodIndex::new());
+    // Pods seen by the watch are prefetched so their first request is a hit.
+    // Bounded: a burst beyond it is caught by the cache's periodic sweep.
+    let (new_pods, mut new_pods_rx) = tokio::sync::mpsc::channel::<pods::PodInfo>(1024);
     let watches = pods::spawn_watchers(
         client.clone(),
         &config.node_name,
         index.clone(),
         metrics.clone(),
-        |_pod| {},
+        move |pod| {
+            let _ = new_pods.try_send(pod.clone());
+        },
     );
+    {
+        let credentials = credentials.clone();
+        let service_accounts = watches.service_accounts.clone();
+        tokio::spawn(async move {
+            while let Some(pod) = new_pods_rx.recv().await {
+                if let Some(sa) = service_accounts.get(&pod.namespace, &pod.service_account) {
+                    credentials.prefetch(pods::Caller {
+                        pod: Arc::new(pod),
+                        service_account: Arc::new(sa),
+                    });
+                }
+            }
+        });
+    }
     let resolver = Resolver::new(
         index,
         watches.service_accounts.clone(),
@@ -139,19 +162,23 @@ pub async fn run(
     let gce = match config.gcp.gcp_workload_identity_provider {
         Some(_) => Some(Arc::new(GceApi::new(
             GceSettings::from_config(&config).map_err(AppError::Config)?,
-            // TODO(integration): the credential cache.
-            Arc::new(NoCredentials),
+            Arc::new(Budgeted::new(credentials.clone(), config.cache.mint_wait)),
             resolver.clone(),
             watches.node.clone(),
         ))),
         None => None,
     };
+    let cache_task = credentials.spawn_background(
+        resolver.index().clone(),
+        watches.service_accounts.clone(),
+        stopped(),
+    );
     let router = Arc::new(Router {
         gce,
         imds: match config.aws.aws_region {
             Some(_) => Some(Arc::new(ImdsApi::new(
                 ImdsSettings::from_config(&config).map_err(AppError::Config)?,
-                Arc::new(Unwired),
+                Arc::new(Budgeted::new(credentials.clone(), config.cache.mint_wait)),
                 resolver.clone(),
                 watches.node.clone(),
             ))),
@@ -207,6 +234,7 @@ pub async fn run(
         }
     }
     let _ = admin_task.await;
+    cache_task.abort();
     for task in watches.tasks {
         task.abort();
     }

@@ -283,6 +283,12 @@ pub enum CacheKeying {
 
 #[derive(Debug, Clone, Args)]
 pub struct CacheConfig {
+    /// How long a request waits for a credential being minted before it is
+    /// answered "retry shortly" (the mint goes on; the retry is a hit). Keep
+    /// under the SDKs' 1 s metadata timeout.
+    #[arg(long, env = "METABRIDGE_MINT_WAIT", default_value = "800ms", value_parser = humantime::parse_duration)]
+    pub mint_wait: Duration,
+
     /// How credentials are shared between pods.
     #[arg(
         long,
@@ -340,6 +346,17 @@ impl RunConfig {
         }
         if self.gcp.gcp_workload_identity_provider.is_some() {
             crate::gce::GceSettings::from_config(self).map_err(ConfigError)?;
+        }
+        crate::credentials::GoogleSettings::from_config(&self.gcp).map_err(ConfigError)?;
+        if self.aws.aws_region.is_some() {
+            crate::imds::ImdsSettings::from_config(self).map_err(ConfigError)?;
+            crate::credentials::AwsSettings::from_config(&self.aws).map_err(ConfigError)?;
+        }
+        if self.cache.mint_wait >= Duration::from_secs(1) {
+            return Err(ConfigError(format!(
+                "--mint-wait {}: must be under 1s (SDKs give the metadata server about 1s)",
+                humantime::format_duration(self.cache.mint_wait)
+            )));
         }
         Ok(())
     }

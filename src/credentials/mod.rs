@@ -5,6 +5,7 @@
 //! API is tested against a fake source and the cache against fake minters.
 
 mod aws;
+mod budget;
 mod cache;
 mod google;
 mod kube;
@@ -24,6 +25,7 @@ use bytes::Bytes;
 use crate::pods::Caller;
 
 pub use aws::{AwsSettings, render_imds_body, session_name};
+pub use budget::Budgeted;
 pub use cache::{
     AWS_MIN_LIFETIME, Clock, CredentialCache, Credentials, Mint, Policy, SystemClock, TargetKind,
 };

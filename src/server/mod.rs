@@ -18,7 +18,13 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::Semaphore};
 
-use crate::{gce::GceApi, imds::ImdsApi, metrics::Metrics, pods::Resolver};
+use crate::{
+    credentials::{Budgeted, Credentials},
+    gce::GceApi,
+    imds::ImdsApi,
+    metrics::Metrics,
+    pods::Resolver,
+};
 
 pub type Body = Full<Bytes>;
 
@@ -63,8 +69,8 @@ pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 }
 
 pub struct Router {
-    pub gce: Option<Arc<GceApi>>,
-    pub imds: Option<Arc<ImdsApi>>,
+    pub gce: Option<Arc<GceApi<Budgeted<Credentials>, Resolver>>>,
+    pub imds: Option<Arc<ImdsApi<Budgeted<Credentials>, Resolver>>>,
     pub resolver: Resolver,
     pub whoami: bool,
 }
