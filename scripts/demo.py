@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import textwrap
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,10 +78,163 @@ def section_whoami(demo: Demo, caller, host_network: bool) -> list[str]:
     return lines
 
 
+AWS_REGION = "us-east-1"
+IMDS_CREDS = "/latest/meta-data/iam/security-credentials/"
+
+# Runs in the pod: boto3's default chain, no configuration at all. (botocore
+# never takes the client region from IMDS, so the signing region is given.)
+_BOTO3_WHOAMI = """
+import sys, boto3
+session = boto3.Session()
+creds = session.get_credentials()
+if creds is None:
+    print("no credentials found")
+else:
+    sts = session.client("sts", endpoint_url=sys.argv[1], region_name=sys.argv[2])
+    print(f"{sts.get_caller_identity()['Arn']} (credentials from: {creds.method})")
+"""
+
+
+def imds_flags(demo: Demo, fake_aws) -> list[str]:
+    """Trust in the fake AWS: the cluster's issuer, and for each pod's role
+    annotation a role whose trust policy names that service account. Returns
+    the flags that enable metabridge's IMDS API against the fake."""
+    kube = demo.testbed.kube
+    fake_aws.add_oidc_provider(kube.issuer, client_ids=["sts.amazonaws.com"])
+    provider = kube.issuer.split("://", 1)[1]
+    for _, ns, sa, ann, _ in PODS:
+        if ROLE in ann:
+            fake_aws.add_role(ann[ROLE].rsplit("/", 1)[1], provider=kube.issuer,
+                              conditions={f"{provider}:sub": f"system:serviceaccount:{ns}:{sa}"})
+    return ["--aws-region", AWS_REGION, "--aws-sts-url", fake_aws.url]
+
+
+def section_imds(demo: Demo, caller, host_network: bool) -> list[str]:
+    """IMDSv2 as an AWS SDK does it: a session token, the role name, the
+    role's credentials (secrets elided), then boto3 with no configuration."""
+    fake_aws = demo.clouds.get("aws")
+    if fake_aws is None:
+        return []
+    ttl = {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}
+    if host_network:
+        direct = caller.http_get(demo.metabridge.url + "/latest/api/token",
+                                 method="PUT", headers=ttl, timeout=2)
+        return [f"IMDS PUT /latest/api/token (listener direct) → {_answer(direct)}"]
+    put = caller.http_get(METADATA_URL + "/latest/api/token", method="PUT", headers=ttl)
+    if put.status != 200:
+        return [f"IMDS PUT /latest/api/token → {_answer(put)}"]
+    lines = [f"IMDS PUT /latest/api/token → HTTP 200, a session token "
+             f"(TTL {put.headers.get('x-aws-ec2-metadata-token-ttl-seconds')} s)"]
+    auth = {"X-aws-ec2-metadata-token": put.text}
+    role = caller.http_get(METADATA_URL + IMDS_CREDS, headers=auth)
+    lines.append(f"     GET {IMDS_CREDS} → {_answer(role)}")
+    if role.status != 200:
+        return lines
+    path = IMDS_CREDS + role.text
+    for _ in range(20):  # a cold cache answers 503 until STS has answered
+        creds = caller.http_get(METADATA_URL + path, headers=auth)
+        if creds.status != 503:
+            break
+        time.sleep(0.25)
+    try:
+        shown = json.loads(creds.body)
+        for secret in ("SecretAccessKey", "Token"):
+            if secret in shown:
+                shown[secret] = "…"
+        lines.append(f"     GET {path} → HTTP {creds.status}  {json.dumps(shown)}")
+    except ValueError:
+        lines.append(f"     GET {path} → {_answer(creds)}")
+    proc = caller.run([sys.executable, "-c", _BOTO3_WHOAMI,
+                       fake_aws.url_for(demo.testbed.host_ip), AWS_REGION], timeout=60)
+    said = proc.stdout.strip() or (proc.stderr.strip().splitlines() or ["?"])[-1]
+    lines.append(f"     boto3, no configuration: sts.get_caller_identity() → {said}")
+    return lines
+
+
+GCP_PROJECT_ID = "demo-project"
+GCP_PROJECT_NUMBER = "314159265358"
+GCP_POOL = "eks-pool"
+ID_TOKEN_AUDIENCE = "https://reports.example.com/"
+
+# Runs in the pod: google-auth, unmodified, no configuration at all; it finds
+# the metadata server by IP and fetches by metadata.google.internal.
+_GOOGLE_AUTH = """
+import json, sys
+import google.auth, google.oauth2.id_token
+from google.auth.transport.requests import Request
+out = {}
+try:
+    creds, project = google.auth.default()
+    out["default"] = f"{type(creds).__module__}.{type(creds).__name__}, project {project}"
+    creds.refresh(Request())
+    out["token"], out["email"] = creds.token, creds.service_account_email
+    out["expiry"] = creds.expiry.isoformat() + "Z"
+    out["id_token"] = google.oauth2.id_token.fetch_id_token(Request(), sys.argv[1])
+except Exception as e:
+    out["error"] = f"{type(e).__name__}: {e}"
+print(json.dumps(out))
+"""
+
+
+def gce_flags(demo: Demo, google) -> list[str]:
+    """Trust in the fake Google: a workload identity provider for the
+    cluster's issuer, and for each pod's Google SA annotation that SA, granted
+    to the pod's service account. metadata.google.internal is served by a
+    cluster DNS as the chart's CoreDNS block does. Returns the flags that
+    enable metabridge's GCE API against the fake."""
+    from support import dns
+
+    kube = demo.testbed.kube
+    provider = google.add_oidc_provider(GCP_PROJECT_NUMBER, GCP_POOL, "eks-oidc", kube.issuer)
+    pool = provider.rsplit("/providers/", 1)[0]
+    for _, ns, sa, ann, _ in PODS:
+        if GSA in ann:
+            google.add_service_account(ann[GSA])
+            google.grant_workload_identity_user(
+                ann[GSA],
+                f"principal://iam.googleapis.com/{pool}/subject/system:serviceaccount:{ns}:{sa}")
+    dns.cleanup_stale()
+    # stop() (with the other fakes) also removes the pods' /etc/netns files.
+    demo.clouds["cluster-dns"] = dns.ClusterDns(demo.testbed.host_ip).start()
+    return ["--gcp-workload-identity-provider", provider, "--gcp-project-id", GCP_PROJECT_ID,
+            "--gcp-sts-url", google.url, "--gcp-iamcredentials-url", google.url]
+
+
+def section_gce(demo: Demo, caller, host_network: bool) -> list[str]:
+    """google-auth in the pod: default credentials, a token, an ID token; and
+    whom Google saw."""
+    google, cluster_dns = demo.clouds.get("google"), demo.clouds.get("cluster-dns")
+    if google is None or cluster_dns is None:
+        return []
+    if host_network:
+        r = caller.http_get(METADATA_URL + "/", headers={"Metadata-Flavor": "Google"}, timeout=2)
+        return [f"GCE GET http://169.254.169.254/ → {_answer(r)}"]
+    cluster_dns.configure_pod(caller)
+    proc = caller.run([sys.executable, "-c", _GOOGLE_AUTH, ID_TOKEN_AUDIENCE], timeout=60)
+    try:
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return [f"GCE google-auth did not run: {proc.stderr.strip()[-300:]}"]
+    lines = [f"GCE google.auth.default() → {out.get('default', '-')}"]
+    if "token" in out:
+        lines.append(f"    refresh() → {out['token'][:14]}… as {out['email']}, "
+                     f"expires {out['expiry']}")
+        lines.append(f"    Google sees {google.principal_of(out['token'])}")
+    if "id_token" in out:
+        import jwt
+
+        claims = jwt.decode(out["id_token"], options={"verify_signature": False})
+        lines.append(f"    fetch_id_token() → JWT aud={claims.get('aud')} "
+                     f"email={claims.get('email')}")
+    if "error" in out:
+        lines.append("    " + textwrap.shorten(out["error"], 400))
+    return lines
+
+
 # Later: section_gce (GET /computeMetadata/v1/instance/service-accounts/default/token
 # with Metadata-Flavor: Google) and section_imds (IMDSv2 token + role credentials),
 # started with the cloud fakes' URLs in METABRIDGE_ARGS below.
-SECTIONS = [("whoami", section_whoami)]
+SECTIONS = [("whoami", section_whoami), ("gce", section_gce), ("imds", section_imds)]
 
 
 def start_clouds(demo: Demo) -> list[str]:
@@ -89,11 +243,13 @@ def start_clouds(demo: Demo) -> list[str]:
     try:
         from support.fake_google import FakeGoogle
         demo.clouds["google"] = FakeGoogle().start()
+        args += gce_flags(demo, demo.clouds["google"])
     except ImportError:
         pass
     try:
         from support.fake_aws import FakeAwsSts
         demo.clouds["aws"] = FakeAwsSts().start()
+        args += imds_flags(demo, demo.clouds["aws"])
     except ImportError:
         pass
     return args
