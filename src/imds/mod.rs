@@ -267,6 +267,19 @@ impl<S: AwsCredentialSource, I: Identify> ImdsApi<S, I> {
     async fn get(&self, path: &str, auth: Auth, peer: IpAddr) -> Answer {
         const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
         const CREDS_EXT: &str = "/latest/meta-data/iam/security-credentials-extended/";
+        // IMDS answers a leaf asked for with a trailing slash as the leaf
+        // itself (botocore's region lookup asks for
+        // `placement/availability-zone/`); every directory arm below accepts
+        // both spellings, so dropping one trailing slash is safe. Role names
+        // stay exact: `security-credentials/ROLE/` is not a role.
+        let path = match path.strip_suffix('/') {
+            Some(leaf)
+                if !leaf.is_empty() && !leaf.starts_with(CREDS) && !leaf.starts_with(CREDS_EXT) =>
+            {
+                leaf
+            }
+            _ => path,
+        };
         match path {
             "/" => listing("latest"),
             "/latest" | "/latest/" => listing("dynamic\nmeta-data"),

@@ -789,6 +789,11 @@ async fn placement_instance_and_identity_document_agree() {
         .await
         .body;
     assert_eq!(az, "us-east-1c");
+    // botocore's region lookup asks for the leaf with a trailing slash.
+    let az_slash = get("/latest/meta-data/placement/availability-zone/")
+        .await
+        .body;
+    assert_eq!(az_slash, "us-east-1c");
     let instance_id = get("/latest/meta-data/instance-id").await;
     assert_eq!(instance_id.route, "instance");
     let instance_id = instance_id.body;
