@@ -75,13 +75,24 @@ pub async fn run(
     {
         let credentials = credentials.clone();
         let service_accounts = watches.service_accounts.clone();
+        let client = client.clone();
         tokio::spawn(async move {
             while let Some(pod) = new_pods_rx.recv().await {
-                if let Some(sa) = service_accounts.get(&pod.namespace, &pod.service_account) {
-                    credentials.prefetch(pods::Caller {
+                match service_accounts.get(&pod.namespace, &pod.service_account) {
+                    Some(sa) => credentials.prefetch(pods::Caller {
                         pod: Arc::new(pod),
                         service_account: Arc::new(sa),
-                    });
+                    }),
+                    // A pod applied together with its new ServiceAccount can
+                    // arrive first: wait for the SA off this loop.
+                    None => {
+                        tokio::spawn(prefetch_when_service_account_known(
+                            credentials.clone(),
+                            service_accounts.clone(),
+                            client.clone(),
+                            pod,
+                        ));
+                    }
                 }
             }
         });
@@ -241,4 +252,39 @@ pub async fn run(
     removal?;
     tracing::info!("stopped; interception rules removed");
     Ok(())
+}
+
+/// Prefetches for `pod` once its ServiceAccount is known: from the watch if it
+/// shows up within a couple of seconds, else from the API server directly.
+async fn prefetch_when_service_account_known(
+    credentials: Credentials,
+    service_accounts: pods::ServiceAccounts,
+    client: kube::Client,
+    pod: pods::PodInfo,
+) {
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(sa) = service_accounts.get(&pod.namespace, &pod.service_account) {
+            return credentials.prefetch(pods::Caller {
+                pod: Arc::new(pod),
+                service_account: Arc::new(sa),
+            });
+        }
+    }
+    let api: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        kube::Api::namespaced(client, &pod.namespace);
+    match api.get_opt(&pod.service_account).await {
+        Ok(Some(sa)) => {
+            if let Some(sa) = pods::ServiceAccountInfo::from_service_account(&sa) {
+                credentials.prefetch(pods::Caller {
+                    pod: Arc::new(pod),
+                    service_account: Arc::new(sa),
+                });
+            }
+        }
+        Ok(None) => tracing::debug!(pod = %pod.key(), "no service account to prefetch for"),
+        Err(error) => {
+            tracing::debug!(pod = %pod.key(), %error, "prefetch skipped: service account lookup failed")
+        }
+    }
 }

@@ -450,8 +450,21 @@ fn parse_sts_success(bytes: &[u8], now: SystemTime) -> Result<StsToken, Credenti
     })
 }
 
-/// RFC 6749 error JSON `{"error","error_description"}` from STS.
+/// RFC 6749 error JSON `{"error","error_description"}` from STS; its front
+/// end answers overload and quota errors (503, 429) in Google's general error
+/// shape instead, which is parsed too.
 pub(crate) fn sts_error(status: u16, body: &[u8]) -> CredentialError {
+    if let CredentialError::Upstream { code, message, .. } = iam_error(status, body)
+        && !code.starts_with("http_")
+    {
+        return CredentialError::Upstream {
+            service: STS,
+            status: Some(status),
+            code,
+            message,
+            retryable: retryable_status(status),
+        };
+    }
     #[derive(Deserialize)]
     struct Rfc6749 {
         error: String,
@@ -769,6 +782,36 @@ mod tests {
                 .unwrap_err()
                 .contains("--gcp-provider-type aws")
         );
+    }
+
+    #[test]
+    fn sts_overload_errors_in_google_shape_are_parsed() {
+        let body = br#"{"error":{"code":503,"message":"The service is currently unavailable.","status":"UNAVAILABLE"}}"#;
+        match sts_error(503, body) {
+            CredentialError::Upstream {
+                service,
+                code,
+                message,
+                retryable,
+                ..
+            } => {
+                assert_eq!(service, STS);
+                assert_eq!(code, "UNAVAILABLE");
+                assert_eq!(message, "The service is currently unavailable.");
+                assert!(retryable);
+            }
+            other => panic!("{other:?}"),
+        }
+        let rfc = br#"{"error":"invalid_grant","error_description":"expired"}"#;
+        match sts_error(400, rfc) {
+            CredentialError::Upstream {
+                code, retryable, ..
+            } => {
+                assert_eq!(code, "invalid_grant");
+                assert!(!retryable);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
