@@ -200,7 +200,7 @@ impl Metrics {
             )
             .unwrap(),
         );
-        Self {
+        let metrics = Self {
             registry,
             ready,
             requests,
@@ -218,6 +218,40 @@ impl Metrics {
             watch_restarts,
             iptables_rules_installed,
             iptables_repairs,
+        };
+        metrics.initialise_series();
+        metrics
+    }
+
+    /// Creates every series of the bounded label sets at zero, so `rate()`
+    /// and alerts see a counter from the start rather than only after its
+    /// first increment (a missing series is indistinguishable from "no data").
+    fn initialise_series(&self) {
+        // Nothing cached yet: no expiry to be late for (NaN compares false).
+        self.cache_soonest_expiry.set(f64::NAN);
+        for (cloud, kind) in [
+            ("google", "access_token"),
+            ("google", "id_token"),
+            ("aws", "aws_session"),
+        ] {
+            for outcome in ["ok", "error"] {
+                self.credentials_issued
+                    .with_label_values(&[cloud, kind, outcome]);
+            }
+        }
+        for kind in ["google_access_token", "google_id_token", "aws_session"] {
+            self.cache_hits.with_label_values(&[kind]);
+            self.cache_misses.with_label_values(&[kind]);
+            self.cache_entries.with_label_values(&[kind]);
+            for outcome in ["ok", "error"] {
+                self.cache_refreshes.with_label_values(&[kind, outcome]);
+            }
+        }
+        for outcome in ["watch", "api", "not_found", "conflict", "error"] {
+            self.unknown_ip_lookups.with_label_values(&[outcome]);
+        }
+        for resource in ["pods", "serviceaccounts", "nodes"] {
+            self.watch_restarts.with_label_values(&[resource]);
         }
     }
 

@@ -104,7 +104,7 @@ impl TargetKind {
         match self {
             Self::GoogleAccessToken => "access_token",
             Self::GoogleIdToken => "id_token",
-            Self::AwsSession => "session",
+            Self::AwsSession => "aws_session",
         }
     }
 
@@ -763,6 +763,7 @@ impl<M: Mint> CredentialCache<M> {
                     st.refresh_at = refresh_at(now, v.expires_at(), min);
                     drop(st);
                     log_issued(&entry.key, &caller, v);
+                    this.update_gauges();
                     "ok"
                 }
                 Err(error) => {
@@ -841,6 +842,11 @@ impl<M: Mint> CredentialCache<M> {
         let mut soonest: Option<SystemTime> = None;
         for e in &entries {
             *counts.entry(e.key.request.kind()).or_default() += 1;
+            // Only credentials metabridge keeps fresh: an idle one-off ID
+            // token is allowed to run out and must not look like a failure.
+            if !e.keep_warm {
+                continue;
+            }
             if let Some(v) = &e.state.lock().value {
                 let exp = v.expires_at();
                 soonest = Some(soonest.map_or(exp, |s| s.min(exp)));
@@ -857,7 +863,8 @@ impl<M: Mint> CredentialCache<M> {
                 Ok(d) => d.as_secs_f64(),
                 Err(e) => -e.duration().as_secs_f64(),
             })
-            .unwrap_or(0.0);
+            // NaN ("no data"): nothing kept fresh, so nothing can be late.
+            .unwrap_or(f64::NAN);
         m.cache_soonest_expiry.set(secs);
     }
 }
