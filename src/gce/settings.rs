@@ -65,51 +65,38 @@ impl GceSettings {
         if let Some(project) = given_project {
             validate_project_id(project)?;
         }
-        let given_number = gcp
-            .gcp_project_number
+        // The provider name is parsed once, by the credentials side, which
+        // also mints with it; this only derives what pods are told.
+        let google = crate::credentials::GoogleSettings::from_config(gcp)?
+            .ok_or("--gcp-workload-identity-provider is required for the GCE API")?;
+        let numeric_project_id = google
+            .project_number
             .as_deref()
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .map(|n| {
-                parse_project_number(n)
-                    .ok_or_else(|| format!("--gcp-project-number {n:?}: not a project number"))
-            })
-            .transpose()?;
-
-        let (project_id, numeric_project_id, pool) = if let Some(pool_project) =
-            provider.strip_suffix(".svc.id.goog")
-        {
-            validate_project_id(pool_project).map_err(|_| {
-                    format!(
-                        "--gcp-workload-identity-provider {provider:?}: not a GKE pool name (PROJECT.svc.id.goog)"
-                    )
-                })?;
-            let number = given_number.ok_or_else(|| {
-                    format!(
-                        "--gcp-project-number is required with GKE's pool {provider}: the pool name carries only the project id"
-                    )
-                })?;
-            let project = given_project.unwrap_or(pool_project).to_string();
-            (project, number, provider.to_string())
-        } else {
-            let (number, pool) = parse_provider_name(provider).ok_or_else(|| {
+            .and_then(|n| n.parse::<u64>().ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
                 format!(
-                    "--gcp-workload-identity-provider {provider:?}: expected \
-                         projects/NUM/locations/global/workloadIdentityPools/POOL/providers/PROV \
-                         or PROJECT.svc.id.goog"
+                    "--gcp-project-number is required with GKE's pool {provider}: the pool name carries only the project id"
                 )
             })?;
-            if let Some(given) = given_number.filter(|g| *g != number) {
-                return Err(format!(
-                    "--gcp-project-number {given} contradicts the provider's project number {number}"
-                ));
+        let (project_id, pool) = match &google.pool {
+            crate::credentials::PoolKind::GkeBuiltin { pool, .. } => {
+                let pool_project = pool.strip_suffix(".svc.id.goog").unwrap_or(pool);
+                (
+                    given_project.unwrap_or(pool_project).to_string(),
+                    pool.clone(),
+                )
             }
-            let project = given_project.ok_or_else(|| {
+            crate::credentials::PoolKind::Provider { name } => {
+                let project = given_project.ok_or_else(|| {
                     format!(
                         "--gcp-project-id is required with provider {provider}: the provider name carries only the project number"
                     )
                 })?;
-            (project.to_string(), number, pool.to_string())
+                // projects/NUM/locations/global/workloadIdentityPools/POOL/providers/PROV
+                let pool = name.split('/').nth(5).unwrap_or_default().to_string();
+                (project.to_string(), pool)
+            }
         };
 
         let non_empty = |v: &Option<String>| {
@@ -127,42 +114,6 @@ impl GceSettings {
             node_name: config.node_name.trim().to_string(),
         })
     }
-}
-
-/// `(project number, pool id)` of a provider's resource name.
-fn parse_provider_name(name: &str) -> Option<(u64, &str)> {
-    let name = name.strip_prefix("//iam.googleapis.com/").unwrap_or(name);
-    let parts: Vec<&str> = name.split('/').collect();
-    match parts.as_slice() {
-        [
-            "projects",
-            number,
-            "locations",
-            "global",
-            "workloadIdentityPools",
-            pool,
-            "providers",
-            provider,
-        ] if is_resource_id(pool) && is_resource_id(provider) => {
-            Some((parse_project_number(number)?, pool))
-        }
-        _ => None,
-    }
-}
-
-fn parse_project_number(s: &str) -> Option<u64> {
-    if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok().filter(|n| *n > 0)
-}
-
-/// Pool and provider ids: lowercase letters, digits and dashes.
-fn is_resource_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Project ids are 6–30 lowercase letters, digits and dashes; legacy ones may
@@ -225,7 +176,10 @@ mod tests {
     }
 
     const PROVIDER: &str =
-        "projects/123456789012/locations/global/workloadIdentityPools/eks-pool/providers/eks";
+        "projects/123456789012/locations/global/workloadIdentityPools/eks-pool/providers/eks-oidc";
+
+    const ISSUER: &str =
+        "https://container.googleapis.com/v1/projects/my-project/locations/us-east1/clusters/c";
 
     #[test]
     fn provider_name_gives_the_project_number_and_pool() {
@@ -267,6 +221,8 @@ mod tests {
             "my-project.svc.id.goog",
             "--gcp-project-number",
             "42",
+            "--gcp-cluster-issuer",
+            ISSUER,
         ]))
         .unwrap();
         assert_eq!(s.project_id, "my-project");
@@ -284,7 +240,12 @@ mod tests {
                 "--gcp-project-id",
             ),
             (
-                &["--gcp-workload-identity-provider", "my-project.svc.id.goog"],
+                &[
+                    "--gcp-workload-identity-provider",
+                    "my-project.svc.id.goog",
+                    "--gcp-cluster-issuer",
+                    ISSUER,
+                ],
                 "--gcp-project-number",
             ),
             (
