@@ -5,20 +5,17 @@ exists, and the values tell the truth about what happened."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import promql_parser as pp
 import yaml
 
+from support.clouds import trust_workload
+
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "metabridge.json"
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.rules.yaml"
 
-NUM = "271828182845"
-POOL, PROVIDER = "eks-pool", "eks-oidc"
-PROJECT_ID = "metrics-project"
-GSA = "app@metrics-project.iam.gserviceaccount.com"
 FLAVOR = {"Metadata-Flavor": "Google"}
 
 
@@ -55,23 +52,9 @@ def queried_series() -> set[str]:
 
 
 def test_dashboard_and_alert_series_exist_after_real_traffic(testbed, fake_kube, fake_google, fake_aws):
-    issuer_host = fake_kube.issuer.split("://", 1)[1]
-    provider = fake_google.add_oidc_provider(NUM, POOL, PROVIDER, fake_kube.issuer)
-    fake_google.add_service_account(GSA)
-    fake_google.grant_workload_identity_user(
-        GSA, f"principal://iam.googleapis.com/projects/{NUM}/locations/global/"
-             f"workloadIdentityPools/{POOL}/subject/system:serviceaccount:shop:app")
-    fake_aws.add_oidc_provider(fake_kube.issuer, ["sts.amazonaws.com"])
-    role = fake_aws.add_role("app", provider=issuer_host,
-                             conditions={f"{issuer_host}:sub": "system:serviceaccount:shop:app"})
-    pod = testbed.add_pod("app-1", "shop", "app", {
-        "iam.gke.io/gcp-service-account": GSA,
-        "eks.amazonaws.com/role-arn": role,
-    })
-    mb = testbed.start_metabridge(
-        "--gcp-workload-identity-provider", provider, "--gcp-project-id", PROJECT_ID,
-        "--gcp-sts-url", fake_google.url, "--gcp-iamcredentials-url", fake_google.url,
-        "--aws-region", "us-east-1", "--aws-sts-url", fake_aws.url)
+    w = trust_workload(fake_kube, fake_google, fake_aws, "shop", "app")
+    pod = testbed.add_pod("app-1", "shop", "app", w.annotations)
+    mb = testbed.start_metabridge(*w.metabridge_args)
 
     base = "/computeMetadata/v1/instance/service-accounts/default"
     for _ in range(3):
