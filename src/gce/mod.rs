@@ -24,12 +24,18 @@ mod wire;
 #[cfg(test)]
 mod tests;
 
-use std::{borrow::Cow, net::IpAddr, sync::Arc, time::SystemTime};
+use std::{
+    borrow::Cow,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use bytes::Bytes;
 use http::{Method, StatusCode, request::Parts};
 use parking_lot::RwLock;
 use percent_encoding::percent_decode_str;
+use tokio::sync::Semaphore;
 
 pub use settings::{DEFAULT_SCOPES, GceSettings, instance_id};
 pub use wire::{MISSING_FLAVOR, SERVER};
@@ -55,6 +61,28 @@ pub struct GceApi<S = NoCredentials, I = Resolver> {
     node: Arc<RwLock<NodeFacts>>,
     /// Wall clock for `expires_in`; replaceable in tests.
     clock: fn() -> SystemTime,
+    /// Bounds the `?wait_for_change=true` requests held at once, so that
+    /// long polls cannot take every connection the listener allows.
+    long_polls: Arc<Semaphore>,
+}
+
+/// How long a long poll without `timeout_sec` is held.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+/// The most a long poll is held, whatever `timeout_sec` asks.
+pub const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Long polls held at once; more are answered at once.
+pub const MAX_LONG_POLLS: usize = 256;
+const WAIT_POLL: Duration = Duration::from_secs(1);
+
+/// A tree request, as parsed once and looked at again by a long poll.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    path: &'a str,
+    segments: &'a [Cow<'a, str>],
+    directory_form: bool,
+    recursive: bool,
+    alt: Option<Alt>,
+    query: Option<&'a str>,
 }
 
 /// What a `?…` query asks of a metadata path.
@@ -79,6 +107,7 @@ impl<S: GoogleCredentialSource, I: Identify> GceApi<S, I> {
             identify,
             node,
             clock: SystemTime::now,
+            long_polls: Arc::new(Semaphore::new(MAX_LONG_POLLS)),
         }
     }
 
@@ -180,6 +209,9 @@ impl<S: GoogleCredentialSource, I: Identify> GceApi<S, I> {
 
         let mut recursive = false;
         let mut alt = None;
+        let mut wait_for_change = false;
+        let mut last_etag: Option<Cow<'_, str>> = None;
+        let mut timeout = DEFAULT_WAIT;
         for (key, value) in parse_query(query) {
             match key.as_ref() {
                 "recursive" => recursive = value.eq_ignore_ascii_case("true"),
@@ -197,13 +229,75 @@ impl<S: GoogleCredentialSource, I: Identify> GceApi<S, I> {
                         }
                     }
                 }
-                // wait_for_change, timeout_sec, last_etag and anything else:
-                // answered at once with the current value.
+                "wait_for_change" => wait_for_change = value.eq_ignore_ascii_case("true"),
+                "last_etag" => last_etag = Some(value),
+                "timeout_sec" => match value.parse::<u64>() {
+                    Ok(seconds) => timeout = Duration::from_secs(seconds).min(MAX_WAIT),
+                    Err(_) => {
+                        return Answer::new(
+                            "bad_request",
+                            wire::bad_request(&format!(
+                                "invalid timeout_sec parameter {value:?}: expected whole seconds"
+                            )),
+                        );
+                    }
+                },
+                // Anything else is tolerated, as Google does.
                 _ => {}
             }
         }
 
-        let route = route_of(&segments);
+        let view = View {
+            path,
+            segments: &segments,
+            directory_form,
+            recursive,
+            alt,
+            query,
+        };
+        let answer = self.view(&view, peer).await;
+        if !wait_for_change {
+            return answer;
+        }
+        // A long poll (Go's `metadata.Subscribe`): hold the answer until its
+        // ETag differs from the one the client has, or the timeout passes —
+        // then answer the current value, as Google does. Answering at once
+        // would turn every subscriber into a busy loop against us.
+        let Some(current) = etag_of(&answer) else {
+            return answer; // errors and redirects are answered at once
+        };
+        let seen = last_etag.map(Cow::into_owned).unwrap_or(current);
+        let Ok(_waiter) = self.long_polls.clone().try_acquire_owned() else {
+            // Too many pods already waiting: an immediate answer is still correct.
+            return answer;
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut answer = answer;
+        while etag_of(&answer).as_deref() == Some(seen.as_str()) {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            // Values change only with the Node or a ServiceAccount: looking
+            // again once a second is prompt enough and costs one tree walk.
+            tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
+            answer = self.view(&view, peer).await;
+        }
+        answer
+    }
+
+    /// The answer for a tree path (everything but the credential endpoints),
+    /// with its `ETag`.
+    async fn view(&self, view: &View<'_>, peer: IpAddr) -> Answer {
+        let View {
+            path,
+            segments,
+            directory_form,
+            recursive,
+            alt,
+            query,
+        } = *view;
+        let route = route_of(segments);
         // The caller is identified only when the answer depends on it: the
         // service-account subtree, or a recursive answer that contains it.
         let in_accounts =
@@ -223,20 +317,18 @@ impl<S: GoogleCredentialSource, I: Identify> GceApi<S, I> {
         };
 
         let root = self.tree(caller.as_ref());
-        let Some(node) = root.walk(&segments) else {
+        let Some(node) = root.walk(segments) else {
             return Answer::new("not_found", wire::not_found(path));
         };
-        let response = match (node, directory_form) {
+        let (content_type, body): (&'static str, Bytes) = match (node, directory_form) {
             (Value::Dir(_), false) => {
                 return Answer::new("redirect", wire::redirect_to_directory(path, query));
             }
             (Value::Dir(_), true) => match (recursive, alt) {
-                (true, Some(Alt::Text)) => wire::text(StatusCode::OK, node.recursive_text()),
-                (true, _) => wire::json(StatusCode::OK, node.to_json().to_string()),
-                (false, Some(Alt::Json)) => {
-                    wire::json(StatusCode::OK, node.listing_json().to_string())
-                }
-                (false, _) => wire::text(StatusCode::OK, node.listing()),
+                (true, Some(Alt::Text)) => (wire::TEXT, node.recursive_text().into()),
+                (true, _) => (wire::JSON, node.to_json().to_string().into()),
+                (false, Some(Alt::Json)) => (wire::JSON, node.listing_json().to_string().into()),
+                (false, _) => (wire::TEXT, node.listing().into()),
             },
             // A leaf asked for as a directory, or a credential endpoint with a
             // trailing slash.
@@ -244,11 +336,11 @@ impl<S: GoogleCredentialSource, I: Identify> GceApi<S, I> {
                 return Answer::new("not_found", wire::not_found(path));
             }
             (leaf, false) => match alt {
-                Some(Alt::Json) => wire::json(StatusCode::OK, leaf.to_json().to_string()),
-                _ => wire::text(StatusCode::OK, leaf.leaf_text()),
+                Some(Alt::Json) => (wire::JSON, leaf.to_json().to_string().into()),
+                _ => (wire::TEXT, leaf.leaf_text().into()),
             },
         };
-        Answer::new(route, response)
+        Answer::new(route, wire::value(content_type, body))
     }
 
     /// `instance/service-accounts/ACCOUNT/token?scopes=a,b`.
@@ -465,6 +557,11 @@ fn has_flavor(parts: &Parts) -> bool {
         .headers
         .get("metadata-flavor")
         .is_some_and(|v| v.as_bytes() == b"Google")
+}
+
+fn etag_of(answer: &Answer) -> Option<String> {
+    let etag = answer.response.headers().get(http::header::ETAG)?;
+    Some(etag.to_str().ok()?.to_owned())
 }
 
 fn parse_query(query: Option<&str>) -> form_urlencoded::Parse<'_> {

@@ -1038,3 +1038,155 @@ async fn lookup_failures_are_clear_and_transient_ones_retryable() {
     assert_eq!(reply.status, StatusCode::OK);
     assert!(h.source.calls().is_empty());
 }
+
+fn zone_label(h: &Harness, zone: &str) {
+    h.node
+        .write()
+        .labels
+        .insert("topology.kubernetes.io/zone".into(), zone.into());
+}
+
+#[tokio::test]
+async fn values_carry_an_etag_that_changes_with_the_value() {
+    let h = harness();
+    let first = h.get(&format!("{V1}/instance/zone")).await;
+    let etag = first.header("etag").to_owned();
+    assert_eq!(etag.len(), 16, "{etag:?}");
+    assert!(etag.bytes().all(|b| b.is_ascii_hexdigit()), "{etag:?}");
+    assert_eq!(
+        h.get(&format!("{V1}/instance/zone")).await.header("etag"),
+        etag
+    );
+    assert_ne!(
+        h.get(&format!("{V1}/project/project-id"))
+            .await
+            .header("etag"),
+        etag
+    );
+    zone_label(&h, "us-east-1b");
+    assert_ne!(
+        h.get(&format!("{V1}/instance/zone")).await.header("etag"),
+        etag
+    );
+    // Errors carry none: there is no value to watch.
+    assert_eq!(
+        h.get(&format!("{V1}/instance/nope")).await.header("etag"),
+        ""
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_for_change_holds_until_the_value_changes() {
+    let h = harness();
+    let etag = h
+        .get(&format!("{V1}/instance/zone"))
+        .await
+        .header("etag")
+        .to_owned();
+    let start = tokio::time::Instant::now();
+    let uri = format!("{V1}/instance/zone?wait_for_change=true&last_etag={etag}");
+    let (reply, ()) = tokio::join!(h.get(&uri), async {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        zone_label(&h, "us-east-1c");
+    });
+    let waited = start.elapsed();
+    assert_eq!(
+        reply.body,
+        format!("projects/{PROJECT_NUMBER}/zones/us-east-1c")
+    );
+    assert_ne!(reply.header("etag"), etag);
+    assert!(
+        waited >= Duration::from_millis(2500) && waited <= Duration::from_secs(4),
+        "answered after {waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_for_change_answers_the_current_value_at_the_timeout() {
+    let h = harness();
+    let current = h.get(&format!("{V1}/project/project-id")).await;
+    let etag = current.header("etag").to_owned();
+
+    let start = tokio::time::Instant::now();
+    let reply = h
+        .get(&format!(
+            "{V1}/project/project-id?wait_for_change=true&last_etag={etag}&timeout_sec=7"
+        ))
+        .await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::OK, "my-project")
+    );
+    assert_eq!(reply.header("etag"), etag);
+    assert_eq!(start.elapsed(), Duration::from_secs(7));
+
+    // Without last_etag: the change from the current value, bounded by the
+    // default wait.
+    let start = tokio::time::Instant::now();
+    h.get(&format!("{V1}/project/project-id?wait_for_change=true"))
+        .await;
+    assert_eq!(start.elapsed(), DEFAULT_WAIT);
+
+    // A timeout beyond the bound is clamped to it.
+    let start = tokio::time::Instant::now();
+    h.get(&format!(
+        "{V1}/project/project-id?wait_for_change=true&timeout_sec=100000"
+    ))
+    .await;
+    assert_eq!(start.elapsed(), MAX_WAIT);
+
+    // An older ETag: the current value at once.
+    let start = tokio::time::Instant::now();
+    let reply = h
+        .get(&format!(
+            "{V1}/project/project-id?wait_for_change=true&last_etag=0123456789abcdef"
+        ))
+        .await;
+    assert_eq!(reply.body, "my-project");
+    assert_eq!(start.elapsed(), Duration::ZERO);
+
+    // Errors are never held.
+    let start = tokio::time::Instant::now();
+    let reply = h
+        .get(&format!("{V1}/instance/nope?wait_for_change=true"))
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+
+    let reply = h
+        .get(&format!(
+            "{V1}/project/project-id?wait_for_change=true&timeout_sec=soon"
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert!(reply.body.contains("timeout_sec"), "{}", reply.body);
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_polls_are_bounded() {
+    let h = Arc::new(harness());
+    let etag = h
+        .get(&format!("{V1}/project/project-id"))
+        .await
+        .header("etag")
+        .to_owned();
+    let uri = format!("{V1}/project/project-id?wait_for_change=true&last_etag={etag}");
+    let mut held = tokio::task::JoinSet::new();
+    for _ in 0..MAX_LONG_POLLS {
+        let (h, uri) = (h.clone(), uri.clone());
+        held.spawn(async move { h.get(&uri).await.status });
+    }
+    // Let every one of them take its place.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let start = tokio::time::Instant::now();
+    let reply = h.get(&uri).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "one too many is answered at once"
+    );
+    while let Some(status) = held.join_next().await {
+        assert_eq!(status.unwrap(), StatusCode::OK);
+    }
+}

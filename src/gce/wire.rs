@@ -39,6 +39,20 @@ pub fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> R
     res
 }
 
+/// A metadata value (200) with the `ETag` Google sends: a digest of the
+/// body, so it changes exactly when the value does (long polls compare it).
+pub fn value(content_type: &'static str, body: Bytes) -> Response<Body> {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(&body);
+    let etag: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let mut response = respond(StatusCode::OK, content_type, body);
+    response.headers_mut().insert(
+        header::ETAG,
+        HeaderValue::from_str(&etag).expect("hex is a valid header value"),
+    );
+    response
+}
+
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     respond(status, TEXT, body.into())
 }

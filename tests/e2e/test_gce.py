@@ -452,6 +452,41 @@ def test_metadata_protocol_details_through_the_dnat(testbed, gce):
         assert r.status == 404, f"{unknown}: {r}"
 
 
+def test_wait_for_change_long_polls_until_the_service_account_changes(testbed, gce):
+    """Go's metadata.Subscribe: ETag on every value, and a request with
+    wait_for_change=true and the current ETag is held until the value changes
+    (here: the KSA is re-annotated with another Google SA)."""
+    gce.start()
+    pod = gce.add_pod("sub", "shop", "watcher", gsa="first")
+    email = f"{DEFAULT_SA}/email"
+    current = testbed.metadata_get(pod, email, headers=FLAVOR)
+    etag = current.headers.get("etag", "")
+    assert current.text == gsa_email("first") and len(etag) == 16, current
+
+    # Nothing changes: held for timeout_sec, then the same value and ETag.
+    started = time.monotonic()
+    r = testbed.metadata_get(pod, f"{email}?wait_for_change=true&last_etag={etag}&timeout_sec=2",
+                             headers=FLAVOR)
+    held = time.monotonic() - started
+    assert (r.status, r.text, r.headers.get("etag")) == (200, gsa_email("first"), etag), r
+    assert 1.9 <= held < 4, held
+
+    second = gce.service_account("second", grant=[federated_principal("shop", "watcher")])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        waiting = pool.submit(testbed.metadata_get, pod,
+                              f"{email}?wait_for_change=true&last_etag={etag}&timeout_sec=30",
+                              headers=FLAVOR, timeout=35)
+        time.sleep(1)
+        assert not waiting.done(), "answered before anything changed"
+        testbed.update_service_account("shop", "watcher", {GSA_ANNOTATION: second})
+        r = waiting.result(timeout=35)
+    held = time.monotonic() - started
+    assert (r.status, r.text) == (200, second), r
+    assert r.headers.get("etag") not in ("", etag), r.headers
+    assert held < 10, f"the change took {held:.1f}s to be answered"
+
+
 def test_token_expires_in_counts_down_and_scopes_are_passed_on(testbed, gce, fake_google):
     gce.start()
     pod = gce.add_pod("web", "shop", "storefront", gsa="storefront")
