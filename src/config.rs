@@ -54,6 +54,12 @@ pub struct IptablesConfig {
     /// Seconds to wait for the xtables lock (`iptables -w`).
     #[arg(long, env = "METABRIDGE_IPTABLES_LOCK_WAIT", default_value_t = 5)]
     pub iptables_lock_wait: u32,
+
+    /// conntrack binary (conntrack-tools) used, whenever the rules are
+    /// (re)installed, to forget flows to 169.254.169.254:80 that bypassed
+    /// them; an empty value skips that step.
+    #[arg(long, env = "METABRIDGE_CONNTRACK", default_value = "conntrack")]
+    pub conntrack_binary: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

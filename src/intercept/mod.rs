@@ -45,6 +45,7 @@ pub enum Outcome {
 pub struct Interceptor {
     binary: String,
     restore_binary: String,
+    conntrack_binary: String,
     lock_wait: String,
     chain: String,
     interfaces: Vec<String>,
@@ -61,6 +62,7 @@ impl Interceptor {
         Self {
             restore_binary: format!("{}-restore", config.iptables_binary),
             binary: config.iptables_binary.clone(),
+            conntrack_binary: config.conntrack_binary.clone(),
             lock_wait: config.iptables_lock_wait.to_string(),
             chain: config.iptables_chain.clone(),
             interfaces,
@@ -134,6 +136,45 @@ impl Interceptor {
             self.iptables(&["-X".into(), self.chain.clone()]).await?;
         }
         Ok(())
+    }
+
+    /// Forgets the conntrack entries of flows to 169.254.169.254:80 that
+    /// were not DNATed to us — opened while the rules were missing (before
+    /// the first install, between a previous instance's shutdown and this
+    /// start, after an outside flush). Without this, a keep-alive connection
+    /// to the real metadata server would go on reaching it: NAT is decided
+    /// only for a flow's first packet. With the entry gone, the flow's next
+    /// packet is picked up as new, meets the DNAT, and is reset by our
+    /// listener, so the client reconnects to us. Flows already DNATed to us
+    /// (their reply source is our address) are left alone.
+    ///
+    /// Returns how many entries were deleted.
+    pub async fn forget_unintercepted_flows(&self) -> Result<u64, InterceptError> {
+        if self.conntrack_binary.is_empty() {
+            return Ok(0);
+        }
+        let args = [
+            "-D",
+            "-p",
+            "tcp",
+            "--orig-dst",
+            METADATA_IP,
+            "--orig-port-dst",
+            "80",
+            "--reply-src",
+            METADATA_IP,
+        ];
+        match run(&self.conntrack_binary, &args, None).await {
+            // One line per deleted entry on stdout; the count on stderr,
+            // with exit status 1 when it is 0.
+            Ok(deleted) => Ok(deleted.lines().filter(|l| !l.trim().is_empty()).count() as u64),
+            Err(InterceptError::Failed { stderr, .. })
+                if stderr.contains("0 flow entries have been deleted") =>
+            {
+                Ok(0)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     async fn chain_matches(&self) -> Result<bool, InterceptError> {
@@ -298,6 +339,18 @@ pub async fn keep_in_place(
                 let _ = installed.send(true);
             }
             Ok(Outcome::Repaired) => {
+                match interceptor.forget_unintercepted_flows().await {
+                    Ok(0) => {}
+                    Ok(flows) => tracing::info!(
+                        flows,
+                        "reset connections to 169.254.169.254:80 opened while the rules were missing"
+                    ),
+                    Err(error) => tracing::warn!(
+                        %error,
+                        "cannot forget conntrack entries of flows that bypassed the rules; \
+                         connections opened before them keep their destination until they close"
+                    ),
+                }
                 if first {
                     tracing::info!(chain = interceptor.chain(), "interception rules installed");
                 } else {
@@ -336,6 +389,7 @@ mod tests {
                 iptables_chain: "MBX".into(),
                 iptables_binary: "iptables".into(),
                 iptables_lock_wait: 5,
+                conntrack_binary: "conntrack".into(),
             },
             vec!["eni+".into(), "cali+".into()],
             Some("10.0.0.1:8989".parse().unwrap()),

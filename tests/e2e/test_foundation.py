@@ -11,6 +11,8 @@ import concurrent.futures
 import json
 import shlex
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -307,6 +309,87 @@ def test_rules_are_installed_at_the_top_of_prerouting(testbed, metabridge, node)
     assert node.chain not in "\n".join(nat_rules("OUTPUT"))
     assert mb.metric("metabridge_iptables_rules_installed") >= 1
     assert_identity(testbed.whoami(pod), pod)
+
+
+CLOUD_METADATA_SERVER = r"""
+import http.server
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the SDKs use it
+    def do_GET(self):
+        body = b"the node's own metadata server"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("169.254.169.254", 80), Handler).serve_forever()
+"""
+
+KEEP_ALIVE_CLIENT = r"""
+import http.client, json, sys
+def fetch(conn):
+    try:
+        conn.request("GET", "/metabridge/v1/whoami")
+        r = conn.getresponse()
+        return [r.status, r.read().decode()]
+    except Exception as e:
+        return ["error", type(e).__name__]
+kept = http.client.HTTPConnection("169.254.169.254", 80, timeout=5)
+print(json.dumps(fetch(kept)), flush=True)
+sys.stdin.readline()
+print(json.dumps(fetch(kept)), flush=True)
+print(json.dumps(fetch(http.client.HTTPConnection("169.254.169.254", 80, timeout=5))), flush=True)
+"""
+
+
+def test_connections_opened_before_the_rules_are_cut_when_they_are_installed(testbed, node):
+    # A pod that reached the cloud's own metadata server before metabridge
+    # (a new node, or a rolling update's gap) must not keep that keep-alive
+    # connection: its conntrack entry would bypass the DNAT for good.
+    cloud = node.add_cloud_metadata_pod()
+    server = cloud.popen([sys.executable, "-c", CLOUD_METADATA_SERVER])
+    pod = testbed.add_pod("app", "apps", "default")
+    wait_for(lambda: testbed.whoami(pod, timeout=2).status == 200, timeout=10,
+             message="the cloud metadata server answering")
+
+    def keep_alive_client():
+        client = pod.popen([sys.executable, "-c", KEEP_ALIVE_CLIENT],
+                           stdin=subprocess.PIPE, text=True)
+        return client, json.loads(client.stdout.readline())
+
+    def go_on(client):
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        return json.loads(client.stdout.readline()), json.loads(client.stdout.readline())
+
+    clients = [server]
+    try:
+        client, before = keep_alive_client()
+        clients.append(client)
+        assert before == [200, "the node's own metadata server"], before
+        mb = testbed.start_metabridge("--iptables-resync", "1s")
+        assert_rules_in_place(node, mb)
+        kept, fresh = go_on(client)
+        assert kept[0] == "error", \
+            f"the connection opened before the rules still reaches the cloud: {kept}"
+        assert fresh[0] == 200 and json.loads(fresh[1])["pod"] == "app", fresh
+
+        # A repair forgets only flows that bypassed the rules: connections
+        # already DNATed to metabridge survive it.
+        client, before = keep_alive_client()
+        clients.append(client)
+        assert before[0] == 200 and json.loads(before[1])["pod"] == "app", before
+        repairs = mb.metric_sum("metabridge_iptables_repairs_total")
+        netns.iptables("-t", "nat", "-F", node.chain)
+        wait_for(lambda: mb.metric_sum("metabridge_iptables_repairs_total") > repairs, 4,
+                 message="a repair")
+        wait_for(lambda: rules_in_place(node, mb), 4, message="rules back")
+        kept, _ = go_on(client)
+        assert kept[0] == 200 and json.loads(kept[1])["pod"] == "app", kept
+    finally:
+        for process in clients:
+            process.kill()
 
 
 def test_rules_are_repaired_after_outside_changes(testbed, metabridge, node):

@@ -639,6 +639,24 @@ class Node:
             raise
         return pod
 
+    def add_cloud_metadata_pod(self, name: str = "cloud-metadata") -> Pod:
+        """A netns holding 169.254.169.254 that this node's pods reach by
+        plain routing: the cloud's own metadata server, as pods meet it
+        wherever metabridge's rules are missing. Only this node's pods route
+        to it (a route in the node's table); the root namespace never gets
+        the address. Whatever serves it runs in the returned pod."""
+        cloud = self.add_pod(name)
+        nsip = ["-n", cloud.netns]
+        ip(*nsip, "addr", "add", f"{METADATA_IP}/32", "dev", "eth0")
+        mac = ip(*nsip, "-j", "link", "show", "eth0").stdout
+        mac = json.loads(mac)[0]["address"]
+        ip("neigh", "replace", METADATA_IP, "lladdr", mac, "dev", cloud.host_if,
+           "nud", "permanent")
+        # In the node's table: gone with the veth when the pod is deleted.
+        ip("route", "replace", f"{METADATA_IP}/32", "dev", cloud.host_if,
+           "scope", "link", "table", str(self.table))
+        return cloud
+
     def remove_pod(self, pod: Pod | str) -> None:
         if isinstance(pod, str):
             pod = self.pods[pod]
