@@ -872,7 +872,7 @@ def report(results: dict, args, meta: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=10, help="seconds per loaded run (10)")
@@ -899,9 +899,18 @@ def main() -> int:
     ap.add_argument("--json-out", help="write the raw results as JSON here")
     ap.add_argument("--markdown-out", help="write the report (markdown) here too")
     ap.add_argument("--keep-workdir", action="store_true", help="keep logs and nginx.conf")
-    args = ap.parse_args()
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = parser().parse_args(argv)
     if args.single_duration is None:
         args.single_duration = args.duration / 2
+    return args
+
+
+def main() -> int:
+    args = parse_args()
 
     if not os.environ.get("METABRIDGE_BIN"):
         os.environ["METABRIDGE_BIN"] = str(REPO / "target" / "release" / "metabridge")
