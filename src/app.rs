@@ -226,12 +226,21 @@ pub async fn run(
     ));
 
     shutdown.await;
-    tracing::info!("shutting down: removing interception rules, draining connections");
+    tracing::info!(
+        keep_rules = config.keep_rules_on_exit,
+        "shutting down: draining connections"
+    );
     let _ = stop_tx.send(true);
     if let Some(task) = rules_task {
         let _ = task.await;
     }
     let removal = match &interceptor {
+        // Fail closed through a restart: the DNAT stays and points at a
+        // closed port until the next instance listens there.
+        Some(_) if config.keep_rules_on_exit => {
+            tracing::info!("interception rules left in place (--keep-rules-on-exit)");
+            Ok(())
+        }
         Some(interceptor) => interceptor.remove().await,
         None => Ok(()),
     };

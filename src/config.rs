@@ -135,6 +135,13 @@ pub struct RunConfig {
     #[arg(long, env = "METABRIDGE_CONNECTION_MAX_AGE", default_value = "60s", value_parser = humantime::parse_duration)]
     pub connection_max_age: Duration,
 
+    /// Leave the interception rules in place on exit instead of removing them:
+    /// through a restart, pods then get "connection refused" (fail closed)
+    /// rather than reaching the node's real metadata server. `metabridge
+    /// iptables remove` still removes them.
+    #[arg(long, env = "METABRIDGE_KEEP_RULES_ON_EXIT", default_value_t = false)]
+    pub keep_rules_on_exit: bool,
+
     /// Serve GET /metabridge/v1/whoami: the caller's pod identity as metabridge
     /// sees it (debugging aid; off by default).
     #[arg(long, env = "METABRIDGE_DEBUG_WHOAMI", default_value_t = false)]

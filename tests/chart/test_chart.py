@@ -177,7 +177,15 @@ def test_prestop_removes_rules():
         "/usr/local/bin/metabridge", "iptables", "remove", "--iptables-chain", "MB_TEST",
     ]
     assert env(render({"intercept": {"chain": "MB_TEST"}}))["METABRIDGE_IPTABLES_CHAIN"] == "MB_TEST"
-    assert "lifecycle" not in container(render({"intercept": {"removeOnStop": False}}))
+    assert "METABRIDGE_KEEP_RULES_ON_EXIT" not in env(render({}))
+
+
+def test_remove_on_stop_false_keeps_the_rules_through_restarts():
+    # Fail closed: neither the preStop hook nor the daemon's own shutdown
+    # removes the rules.
+    objs = render({"intercept": {"removeOnStop": False}})
+    assert "lifecycle" not in container(objs)
+    assert env(objs)["METABRIDGE_KEEP_RULES_ON_EXIT"] == "true"
 
 
 def test_resources_are_set(default_objs):

@@ -433,6 +433,25 @@ def test_rules_are_removed_on_shutdown(testbed, metabridge, node, sig):
     assert result.status is None and result.elapsed < 1.0, result
 
 
+def test_keep_rules_on_exit_fails_closed_through_a_restart(testbed, node):
+    # The chart's removeOnStop=false: the rules outlive the process, pods get
+    # "connection refused" (not the node's metadata server) until the next
+    # instance listens on the same port, which finds the rules in place.
+    pod = testbed.add_pod("app", "apps", "default")
+    old = testbed.start_metabridge("--keep-rules-on-exit")
+    assert_identity(testbed.whoami(pod), pod)
+    assert old.stop(signal.SIGTERM) == 0, old.log_tail()
+    assert_rules_in_place(node, old)
+    refused = testbed.whoami(pod, timeout=2)
+    assert refused.status is None and refused.curl_exit == 7, refused  # ECONNREFUSED
+
+    new = testbed.start_metabridge("--keep-rules-on-exit", listen_port=old.listen_port)
+    assert_identity(testbed.whoami(pod), pod)
+    assert_rules_in_place(node, new)  # found in place, not duplicated
+    assert run_cli(["iptables", "remove", "--iptables-chain", node.chain]).returncode == 0
+    assert node.chain not in nat_save()
+
+
 def test_iptables_remove_cleans_up_after_a_crash_and_is_idempotent(testbed, metabridge, node):
     mb = metabridge()
     assert mb.kill() == -signal.SIGKILL
