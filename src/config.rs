@@ -314,6 +314,17 @@ pub struct CacheConfig {
     /// Never hand out a credential with less time than this left.
     #[arg(long, env = "METABRIDGE_MIN_CREDENTIAL_LIFETIME", default_value = "5m", value_parser = humantime::parse_duration)]
     pub min_credential_lifetime: Duration,
+
+    /// Distinct on-demand credentials (ID-token audiences, non-default scope
+    /// sets) one identity may hold at once; more are refused with 429 until
+    /// some expire. Bounds what one pod can make metabridge mint upstream
+    /// (and spend of the project's IAM quota) by varying its query strings.
+    #[arg(
+        long,
+        env = "METABRIDGE_MAX_CREDENTIALS_PER_IDENTITY",
+        default_value_t = 64
+    )]
+    pub max_credentials_per_identity: usize,
 }
 
 /// A configuration value that cannot work; the message names it.

@@ -153,6 +153,8 @@ pub struct Policy {
     pub aws: Option<AwsTokenSource>,
     pub keying: CacheKeying,
     pub min_lifetime: Duration,
+    /// On-demand (not kept warm) entries one principal may hold.
+    pub max_on_demand: usize,
 }
 
 impl Policy {
@@ -311,6 +313,7 @@ impl Credentials {
                 .map(|_| upstream.aws_settings().token_source),
             keying: config.cache.cache_key,
             min_lifetime: config.cache.min_credential_lifetime,
+            max_on_demand: config.cache.max_credentials_per_identity,
         };
         if policy.min_lifetime >= Duration::from_secs(30 * 60) {
             return Err(format!(
@@ -648,19 +651,35 @@ impl<M: Mint> CredentialCache<M> {
 
     // === the cache proper ===
 
-    fn entry(&self, key: Key, caller: &Caller) -> Arc<Entry> {
+    fn entry(&self, key: Key, caller: &Caller) -> Result<Arc<Entry>, CredentialError> {
         if let Some(e) = self.inner.entries.read().get(&key) {
-            return e.clone();
+            return Ok(e.clone());
         }
+        let keep_warm = match &key.request {
+            Request::Aws { .. } => true,
+            Request::GoogleAccess { scopes } => *scopes == google::normalize_scopes(&[]),
+            Request::GoogleId { .. } => false,
+        };
         let mut entries = self.inner.entries.write();
-        entries
+        if !keep_warm && !entries.contains_key(&key) {
+            // What a pod can vary at will (audiences, scope sets) is bounded
+            // per identity; what prefetch keeps warm is one per identity.
+            let limit = self.inner.policy.max_on_demand;
+            let held = entries
+                .values()
+                .filter(|e| !e.keep_warm && e.key.principal == key.principal)
+                .count();
+            if held >= limit {
+                return Err(CredentialError::TooManyCredentials {
+                    namespace: key.principal.namespace.clone(),
+                    service_account: key.principal.service_account.clone(),
+                    limit,
+                });
+            }
+        }
+        Ok(entries
             .entry(key.clone())
             .or_insert_with(|| {
-                let keep_warm = match &key.request {
-                    Request::Aws { .. } => true,
-                    Request::GoogleAccess { scopes } => *scopes == google::normalize_scopes(&[]),
-                    Request::GoogleId { .. } => false,
-                };
                 let now = self.inner.clock.now();
                 Arc::new(Entry {
                     key,
@@ -678,12 +697,14 @@ impl<M: Mint> CredentialCache<M> {
                     }),
                 })
             })
-            .clone()
+            .clone())
     }
 
     /// Makes sure an entry exists and is being (or has been) minted.
     fn ensure(&self, key: Key, caller: &Caller) {
-        let entry = self.entry(key, caller);
+        let Ok(entry) = self.entry(key, caller) else {
+            return; // at the identity's limit: nothing to prefetch
+        };
         let mut st = entry.state.lock();
         if st.value.is_none() && st.error.is_none() && st.flight.is_none() {
             st.flight = Some(self.start_flight(entry.clone(), caller.clone(), false));
@@ -693,7 +714,7 @@ impl<M: Mint> CredentialCache<M> {
     async fn get(&self, key: Key, caller: &Caller) -> Result<Value, CredentialError> {
         let kind = key.request.kind();
         let min = self.inner.policy.min_lifetime(kind);
-        let entry = self.entry(key, caller);
+        let entry = self.entry(key, caller)?;
         let flight = {
             let now = self.inner.clock.now();
             let mut st = entry.state.lock();

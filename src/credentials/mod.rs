@@ -129,6 +129,15 @@ pub enum CredentialError {
         /// Whether retrying later may succeed (throttling, 5xx, network).
         retryable: bool,
     },
+    /// The identity already holds as many on-demand credentials as allowed.
+    #[error(
+        "{namespace}/{service_account} already holds {limit} distinct credentials (ID-token audiences or scope sets); ask for fewer distinct ones, or retry once some have expired"
+    )]
+    TooManyCredentials {
+        namespace: String,
+        service_account: String,
+        limit: usize,
+    },
 }
 
 impl CredentialError {

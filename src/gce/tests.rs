@@ -1000,6 +1000,24 @@ async fn upstream_failures_map_to_what_sdks_retry_or_report() {
         .await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
     assert!(reply.body.contains("is not an email"));
+
+    let h = harness_with(FakeSource::failing(CredentialError::TooManyCredentials {
+        namespace: "team-a".into(),
+        service_account: "app".into(),
+        limit: 64,
+    }));
+    let reply = h
+        .get(&format!(
+            "{V1}/instance/service-accounts/default/identity?audience=aud-65"
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reply.json()["error"], "too_many_credentials");
+    assert!(
+        reply.body.contains("team-a/app already holds 64"),
+        "{}",
+        reply.body
+    );
 }
 
 #[tokio::test]

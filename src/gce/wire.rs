@@ -179,7 +179,8 @@ pub fn lookup_error(error: &LookupError) -> Response<Body> {
 /// - `InvalidAnnotation` → 403 with its message;
 /// - a failed Kubernetes TokenRequest → 503 when retryable, else 403;
 /// - an upstream refusal → its own 4xx (429 stays 429), and 5xx or no answer
-///   at all → 503, so SDKs that retry 429/503 do.
+///   at all → 503, so SDKs that retry 429/503 do;
+/// - an identity at its limit of distinct credentials → 429.
 ///
 /// Errors from services are JSON `{"error","error_description"}` (the OAuth
 /// shape Google's STS uses), the description naming the service, its status
@@ -211,6 +212,9 @@ pub fn credential_error(error: &CredentialError) -> Response<Body> {
                 code
             };
             error_json(mapped, code, error)
+        }
+        CredentialError::TooManyCredentials { .. } => {
+            error_json(StatusCode::TOO_MANY_REQUESTS, "too_many_credentials", error)
         }
     }
 }

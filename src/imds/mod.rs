@@ -548,6 +548,7 @@ fn credential_failure(
         CredentialError::Upstream { code, .. } if !code.is_empty() => code.as_str(),
         CredentialError::Upstream { .. } => "InternalError",
         CredentialError::KubeToken { .. } => "KubernetesTokenRequestFailed",
+        CredentialError::TooManyCredentials { .. } => "TooManyCredentials",
     };
     let message = format!(
         "{error} (role {}, service account {}/{})",

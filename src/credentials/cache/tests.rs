@@ -155,6 +155,7 @@ fn setup(keying: CacheKeying) -> (CredentialCache<FakeMint>, FakeMint, Arc<FakeC
             aws: Some(AwsTokenSource::Kubernetes),
             keying,
             min_lifetime: MIN_LIFETIME,
+            max_on_demand: 64,
         },
         clock.clone(),
         metrics.clone(),
@@ -583,6 +584,7 @@ async fn aws_provider_type_needs_a_role_and_disabled_apis_say_so() {
             aws: None,
             keying: CacheKeying::Identity,
             min_lifetime: MIN_LIFETIME,
+            max_on_demand: 64,
         },
         clock,
         Metrics::new(),
@@ -663,4 +665,61 @@ fn refresh_schedule_bounds() {
         let d = retry_delay(f);
         assert!(d <= RETRY_CAP && d >= Duration::from_millis(500));
     }
+}
+
+#[tokio::test]
+async fn one_identity_cannot_make_unbounded_distinct_credentials() {
+    let clock = FakeClock::new();
+    let mint = FakeMint::new(clock.clone());
+    let cache = CredentialCache::with_minter(
+        mint.clone(),
+        Policy {
+            google: Some(GcpProviderType::Oidc),
+            aws: Some(AwsTokenSource::Kubernetes),
+            keying: CacheKeying::Identity,
+            min_lifetime: MIN_LIFETIME,
+            max_on_demand: 3,
+        },
+        clock.clone(),
+        Metrics::new(),
+    );
+    let c = caller("ns", "p1", "sa", &[(GCP_SERVICE_ACCOUNT_ANNOTATION, GSA)]);
+    cache.access_token(&c, &[]).await.unwrap(); // kept warm: not counted
+    cache.id_token(&c, "aud-1", true).await.unwrap();
+    cache.id_token(&c, "aud-2", true).await.unwrap();
+    cache
+        .access_token(
+            &c,
+            &["https://www.googleapis.com/auth/devstorage.read_only".into()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(mint.calls(), 4);
+
+    let refused = cache.id_token(&c, "aud-4", true).await.unwrap_err();
+    assert!(
+        matches!(
+            &refused,
+            CredentialError::TooManyCredentials { namespace, service_account, limit: 3 }
+                if namespace == "ns" && service_account == "sa"
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(mint.calls(), 4, "a refusal mints nothing");
+    // What it already holds is still served; other identities are not affected.
+    cache.id_token(&c, "aud-1", true).await.unwrap();
+    let other = caller(
+        "ns",
+        "p2",
+        "other",
+        &[(GCP_SERVICE_ACCOUNT_ANNOTATION, GSA)],
+    );
+    cache.id_token(&other, "aud-4", true).await.unwrap();
+    assert_eq!(mint.calls(), 5);
+
+    // Once unused ones have expired and been dropped, room is made again.
+    clock.advance(HOUR + Duration::from_secs(120));
+    cache.tick();
+    settle(&cache).await;
+    cache.id_token(&c, "aud-4", true).await.unwrap();
 }
