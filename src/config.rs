@@ -339,6 +339,11 @@ impl RunConfig {
             return Err(ConfigError("--node-name must not be empty".into()));
         }
         validate_chain(&self.iptables.iptables_chain)?;
+        if self.cache.max_credentials_per_identity == 0 {
+            return Err(ConfigError(
+                "--max-credentials-per-identity must be at least 1".into(),
+            ));
+        }
         for pattern in &self.intercept_interfaces {
             validate_interface_pattern(pattern)?;
         }
