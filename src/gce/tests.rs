@@ -9,12 +9,12 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::BodyExt;
+use http::StatusCode;
 use parking_lot::{Mutex, RwLock};
 
 use super::*;
 use crate::pods::{LookupError, PodInfo, PodKey, ServiceAccountInfo};
+use crate::server::testing::{Reply, request_parts};
 
 const PROJECT_NUMBER: u64 = 123456789012;
 const APP_EMAIL: &str = "app@my-project.iam.gserviceaccount.com";
@@ -212,21 +212,12 @@ fn harness() -> Harness {
     harness_with(FakeSource::default())
 }
 
-struct Reply {
-    route: &'static str,
-    status: StatusCode,
-    headers: http::HeaderMap,
-    body: String,
+/// GCE answers JSON only with `application/json` (Python parses nothing else).
+trait JsonReply {
+    fn json(&self) -> serde_json::Value;
 }
 
-impl Reply {
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .map(|v| v.to_str().unwrap())
-            .unwrap_or("")
-    }
-
+impl JsonReply for Reply {
     fn json(&self) -> serde_json::Value {
         assert_eq!(
             self.header("content-type"),
@@ -234,7 +225,7 @@ impl Reply {
             "{}",
             self.body
         );
-        serde_json::from_str(&self.body).unwrap()
+        self.parse_json()
     }
 }
 
@@ -246,20 +237,8 @@ impl Harness {
         headers: &[(&str, &str)],
         from: IpAddr,
     ) -> Reply {
-        let mut builder = Request::builder().method(method).uri(uri);
-        for (k, v) in headers {
-            builder = builder.header(*k, *v);
-        }
-        let (parts, ()) = builder.body(()).unwrap().into_parts();
-        let answer = self.api.handle(&parts, from).await;
-        let (res_parts, body) = answer.response.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
-        Reply {
-            route: answer.route,
-            status: res_parts.status,
-            headers: res_parts.headers,
-            body: String::from_utf8(body.to_vec()).unwrap(),
-        }
+        let parts = request_parts(method, uri, headers);
+        Reply::of(self.api.handle(&parts, from).await).await
     }
 
     /// A GET with the flavor header from `from`.

@@ -10,11 +10,11 @@ use std::{
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
-use http_body_util::BodyExt;
 use parking_lot::{Mutex, RwLock};
 
 use super::*;
 use crate::pods::{PodInfo, PodKey, ServiceAccountInfo};
+use crate::server::testing::{Reply, request_parts};
 
 const POD_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 4, 0, 17));
 const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 4, 0, 18));
@@ -154,16 +154,14 @@ fn harness(allow_v1: bool) -> Harness {
     }
 }
 
-struct Reply {
-    route: &'static str,
-    status: StatusCode,
-    headers: http::HeaderMap,
-    body: String,
+/// IMDS serves JSON as `text/plain`: parse whatever came.
+trait JsonReply {
+    fn json(&self) -> serde_json::Value;
 }
 
-impl Reply {
+impl JsonReply for Reply {
     fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+        self.parse_json()
     }
 }
 
@@ -175,20 +173,8 @@ impl Harness {
         headers: &[(&str, &str)],
         peer: IpAddr,
     ) -> Reply {
-        let mut builder = Request::builder().method(method).uri(path);
-        for (name, value) in headers {
-            builder = builder.header(*name, *value);
-        }
-        let (parts, ()) = builder.body(()).unwrap().into_parts();
-        let answer = self.api.handle(&parts, peer).await;
-        let (head, body) = answer.response.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
-        Reply {
-            route: answer.route,
-            status: head.status,
-            headers: head.headers,
-            body: String::from_utf8(body.to_vec()).unwrap(),
-        }
+        let parts = request_parts(method.as_str(), path, headers);
+        Reply::of(self.api.handle(&parts, peer).await).await
     }
 
     async fn put_token(&self, ttl: &str, peer: IpAddr) -> Reply {

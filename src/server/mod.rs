@@ -304,6 +304,57 @@ async fn handle(
     answer.response
 }
 
+/// What the GCE and IMDS API tests need to call `handle` and read the answer.
+#[cfg(test)]
+pub(crate) mod testing {
+    use http::{HeaderMap, Request, StatusCode, request::Parts};
+    use http_body_util::BodyExt;
+
+    use super::Answer;
+
+    /// The request head of `method uri` with `headers`.
+    pub fn request_parts(method: &str, uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut builder = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    /// An [`Answer`] with its body read.
+    pub struct Reply {
+        pub route: &'static str,
+        pub status: StatusCode,
+        pub headers: HeaderMap,
+        pub body: String,
+    }
+
+    impl Reply {
+        pub async fn of(answer: Answer) -> Self {
+            let (head, body) = answer.response.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            Self {
+                route: answer.route,
+                status: head.status,
+                headers: head.headers,
+                body: String::from_utf8(body.to_vec()).unwrap(),
+            }
+        }
+
+        /// The header's value, or "" when absent.
+        pub fn header(&self, name: &str) -> &str {
+            self.headers
+                .get(name)
+                .map(|v| v.to_str().unwrap())
+                .unwrap_or("")
+        }
+
+        pub fn parse_json(&self) -> serde_json::Value {
+            serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
