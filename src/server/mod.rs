@@ -170,13 +170,15 @@ fn refuse_malformed(parts: &http::request::Parts) -> Option<Answer> {
         ));
     }
     let path = uri.path();
-    let lower = path.to_ascii_lowercase();
+    // Lower-cased copy only for the rare path that has escapes at all.
+    let encoded_separator = path.contains('%') && {
+        let lower = path.to_ascii_lowercase();
+        lower.contains("%2f") || lower.contains("%2e") || lower.contains("%5c")
+    };
     let bad = !path.starts_with('/')
         || path.contains("//")
         || path.split('/').any(|seg| seg == "." || seg == "..")
-        || lower.contains("%2f")
-        || lower.contains("%2e")
-        || lower.contains("%5c")
+        || encoded_separator
         || path.contains('\\');
     if bad {
         return Some(Answer::new(
